@@ -1,0 +1,10 @@
+"""CLIP: BPE tokenizer, text encoder (SD v1.5's conditioning), image encoder, preprocessing, loaders."""
+from .loading import detect_layout, load_clip, load_text_encoder
+from .model import (CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextTransformer, CLIPVisionConfig,
+                    CLIPVisionModel, CLIPVisionTransformer)
+from .preprocess import CLIP_MEAN, CLIP_STD, preprocess
+from .tokenizer import CLIPTokenizer
+
+__all__ = ["CLIPTokenizer", "CLIPTextConfig", "CLIPVisionConfig", "CLIPTextModel", "CLIPVisionModel",
+           "CLIPModel", "CLIPTextTransformer", "CLIPVisionTransformer", "preprocess", "CLIP_MEAN", "CLIP_STD",
+           "load_text_encoder", "load_clip", "detect_layout"]

@@ -1,0 +1,58 @@
+"""The project's one attention function.
+
+Every attention layer (CLIP text and vision towers, and later the UNet, the VAE and RetriNet) calls
+`attention`, so there is one place where precision, masking and memory are decided:
+
+* torch's `scaled_dot_product_attention` does the work, so under fp16 / bf16 the fused flash and
+  memory-efficient kernels run and, on the CPU, the fused flash kernel handles causal masks;
+* `upcast=True` computes in float32 and casts back, for numerically delicate layers;
+* `key_padding_mask` (B, Lk) bool, True = attend, hides padded keys;
+* `chunk_size` splits the queries so that the score matrix never exceeds chunk_size x Lk per head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              key_padding_mask: torch.Tensor | None = None, causal: bool = False,
+              upcast: bool = False, chunk_size: int | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D).
+
+    `scale` defaults to D**-0.5. `causal` lets query i see keys 0..i (aligned at the start, as in a
+    decoder-only text encoder). A query row whose keys are all masked returns NaN, as in SDPA.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects (B, H, L, D) tensors, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    out_dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    mask = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (b, lk) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape {(b, lk)}, got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk), broadcast over heads and queries
+
+    if chunk_size is None or chunk_size >= lq:
+        out = _sdpa(q, k, v, mask, causal, 0, scale)
+    else:
+        out = torch.cat([_sdpa(q[:, :, s:s + chunk_size], k, v, mask, causal, s, scale)
+                         for s in range(0, lq, chunk_size)], dim=2)
+    return out.to(out_dtype)
+
+
+def _sdpa(q, k, v, mask, causal: bool, q_offset: int, scale):
+    if causal and mask is None and q_offset == 0 and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if causal:
+        qi = torch.arange(q_offset, q_offset + q.shape[2], device=q.device)[:, None]
+        ki = torch.arange(k.shape[2], device=q.device)[None, :]
+        mask = (ki <= qi) if mask is None else (mask & (ki <= qi))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,0 +1,112 @@
+"""Reading safetensors checkpoints and loading them strictly, with errors that say what is wrong.
+
+Only safetensors are read: pickled `.ckpt` / `.bin` / `.pth` files can run arbitrary code on load.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, of an unknown layout or does not fit the model."""
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a .safetensors file")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: only .safetensors files are read (pickled checkpoints such as "
+                              f".ckpt / .bin / .pth are refused); convert it to safetensors first")
+
+
+def read_header(path: str | Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header: {key: {"dtype", "shape", "data_offsets"}}.
+
+    Reads only the header, so it is cheap even for a 4 GB file; checks that the file is long enough
+    for every tensor it declares (a truncated download fails here, not halfway through a load).
+    """
+    path = Path(path)
+    _check_file(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file or truncated (header claims {n} bytes, "
+                                  f"file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def read_tensors(path: str | Path, keys: Iterable[str] | None = None, *,
+                 rename: Callable[[str], str] = lambda k: k, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read `keys` (default: all) from a safetensors file into {rename(key): tensor}.
+
+    Floating-point tensors are cast to `dtype` when given; integer tensors are left alone.
+    """
+    path = Path(path)
+    header = read_header(path)
+    keys = list(header) if keys is None else list(keys)
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in keys:
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                out[rename(key)] = t
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise CheckpointError(f"{path}: could not read tensors ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
+                layout: str) -> None:
+    """Copy `state_dict` into `module`, requiring the exact set of keys and shapes.
+
+    On mismatch raises CheckpointError naming the source file, the layout detected in it, and the
+    first missing / unexpected / wrongly shaped keys.
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_first(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
+        if shapes:
+            problems.append(f"{len(shapes)} shape mismatches: {_first(shapes, 3)}")
+        raise CheckpointError(f"{source}: detected layout {layout!r} does not fit {type(module).__name__}: "
+                              + "; ".join(problems))
+    # A module built on the meta device (no wasted random init) takes the file's tensors as they are.
+    on_meta = any(t.is_meta for t in own.values())
+    module.load_state_dict(state_dict, strict=True, assign=on_meta)
