@@ -116,12 +116,21 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
+        self.act_name = act
         self.act = _activation(act)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        if self.act_name != "quick_gelu":
+            return self.fc2(self.act(self.fc1(x)))
+        # quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702. Both scalings ride on the
+        # matmuls (addmm's alpha and beta), so the activation is one pass over the widest tensor
+        # instead of three: on the CPU that pass is memory-bound and costs as much as a matmul.
+        k = 1.702
+        h = torch.addmm(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), beta=k, alpha=k)
+        out = torch.addmm(self.fc2.bias, F.silu(h, inplace=True), self.fc2.weight.t(), alpha=1 / k)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class CLIPEncoderLayer(nn.Module):

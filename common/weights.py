@@ -93,8 +93,8 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *,
     first missing / unexpected / wrongly shaped keys.
     """
     own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    missing = [k for k in own if k not in state_dict]  # in module order, so layers read 0, 1, 2, ...
+    unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})"
               for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or shapes:
@@ -104,7 +104,7 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *,
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
         if shapes:
-            problems.append(f"{len(shapes)} shape mismatches: {_first(shapes, 3)}")
+            problems.append(f"{len(shapes)} shape mismatches (is the model config the file's?): {_first(shapes, 3)}")
         raise CheckpointError(f"{source}: detected layout {layout!r} does not fit {type(module).__name__}: "
                               + "; ".join(problems))
     # A module built on the meta device (no wasted random init) takes the file's tensors as they are.

@@ -119,3 +119,28 @@ def test_vit_l14_text_encoder_matches_transformers():
         got = ours(ids)
     assert got.shape == (3, 77, 768)
     assert rel_err(got, ref) <= TOL
+
+
+def test_gradients_match_transformers():
+    """Backward through both towers (the fused quick_gelu MLP included) gives transformers' gradients."""
+    hf = _hf_clip(seed=9)
+    ours = _ours_from(hf)
+    ids = _small_ids([7, 19])
+    pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(2, 20, generator=torch.Generator().manual_seed(5))
+    loss_ref = ((hf.get_text_features(input_ids=ids).pooler_output - target) ** 2).sum() \
+        + ((hf.get_image_features(pixel_values=pixels).pooler_output - target) ** 2).sum()
+    loss_ref.backward()
+    loss = ((ours.encode_text(ids) - target) ** 2).sum() + ((ours.encode_image(pixels) - target) ** 2).sum()
+    loss.backward()
+    ref_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        if name == "logit_scale":
+            continue  # not part of either feature
+        if name.endswith("k_proj.bias"):
+            # Its true gradient is 0 (a key bias shifts every score of a query equally, and softmax
+            # ignores that): both sides hold rounding noise, so compare against the weight's scale.
+            scale = ref_grads[name.replace("bias", "weight")].grad.abs().max()
+            assert (p.grad - ref_grads[name].grad).abs().max() <= 1e-4 * scale, name
+            continue
+        assert rel_err(p.grad, ref_grads[name].grad) <= 1e-4, name
