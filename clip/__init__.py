@@ -1,5 +1,7 @@
 """CLIP: BPE tokenizer, text encoder (SD v1.5's conditioning), image encoder, preprocessing, loaders."""
-from .loading import detect_layout, load_clip, load_text_encoder
+from common.weights import detect_layout
+
+from .loading import load_clip, load_text_encoder
 from .model import (CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextTransformer, CLIPVisionConfig,
                     CLIPVisionModel, CLIPVisionTransformer)
 from .preprocess import CLIP_MEAN, CLIP_STD, preprocess

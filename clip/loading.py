@@ -20,33 +20,10 @@ from pathlib import Path
 
 import torch
 
-from common.weights import CheckpointError, load_strict, read_header, read_tensors
+from common.weights import CheckpointError, detect_layout, load_strict, read_header, read_tensors
 from .model import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 SD_TEXT_PREFIX = "cond_stage_model.transformer."
-
-# Keys that identify a layout, checked in order; the first whose marker is present wins.
-_MARKERS = [
-    ("sd-single-file", lambda k: k.startswith(SD_TEXT_PREFIX + "text_model.")),
-    ("hf-clip", lambda k: k.startswith("vision_model.")),
-    ("hf-clip-text", lambda k: k.startswith("text_model.")),
-    ("hf-clip-text-unprefixed", lambda k: k.startswith("embeddings.token_embedding.")),
-    ("controlnet", lambda k: k.startswith("control_model.")),
-    ("sd-single-file without text encoder", lambda k: k.startswith(("model.diffusion_model.", "first_stage_model."))),
-    ("ldm-unet", lambda k: k.startswith("input_blocks.")),
-    ("diffusers-unet", lambda k: k.startswith("down_blocks.") and "attentions" in k or k.startswith("time_embedding.")),
-    ("vae", lambda k: k.startswith(("encoder.down", "decoder.up", "post_quant_conv."))),
-]
-
-
-def detect_layout(keys) -> str:
-    """Name of the checkpoint layout that `keys` belong to ('unknown' if none matches)."""
-    keys = list(keys)
-    for name, marker in _MARKERS:
-        if any(marker(k) for k in keys):
-            return name
-    return "unknown"
-
 
 def _resolve(path: str | Path, candidates: list[str]) -> Path:
     """A file path, or a folder in which the first existing candidate file is taken."""
@@ -75,7 +52,7 @@ def _not_position_ids(key: str) -> bool:
 
 def _text_keys(file: Path, keys: list[str], layout: str) -> tuple[list[str], callable]:
     """The file's text-encoder keys and how to rename them to CLIPTextModel keys."""
-    if layout == "sd-single-file":
+    if layout == "sd-single-file" and any(k.startswith(SD_TEXT_PREFIX + "text_model.") for k in keys):
         return [k for k in keys if k.startswith(SD_TEXT_PREFIX)], lambda k: k[len(SD_TEXT_PREFIX):]
     if layout in ("hf-clip", "hf-clip-text"):
         return [k for k in keys if k.startswith("text_model.")], lambda k: k

@@ -80,6 +80,37 @@ def read_tensors(path: str | Path, keys: Iterable[str] | None = None, *,
     return out
 
 
+# Keys that identify a layout, checked in order; the first whose marker some key matches wins.
+_LAYOUT_MARKERS = [
+    ("sd-single-file", lambda k: k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))),
+    ("controlnet", lambda k: k.startswith("control_model.")),
+    ("hf-clip", lambda k: k.startswith("vision_model.")),
+    ("hf-clip-text", lambda k: k.startswith("text_model.")),
+    ("hf-clip-text-unprefixed", lambda k: k.startswith("embeddings.token_embedding.")),
+    ("diffusers-controlnet", lambda k: k.startswith("controlnet_cond_embedding.")),
+    ("diffusers-unet", lambda k: k.startswith(("time_embedding.", "down_blocks.", "mid_block."))),
+    ("ldm-unet", lambda k: k.startswith(("input_blocks.", "time_embed."))),
+    ("diffusers-vae", lambda k: k.startswith(("encoder.down_blocks.", "decoder.up_blocks."))),
+    ("ldm-vae", lambda k: k.startswith(("encoder.down.", "decoder.up.", "post_quant_conv."))),
+]
+
+
+def detect_layout(keys) -> str:
+    """Name of the checkpoint layout that `keys` belong to ('unknown' if none matches).
+
+    `sd-single-file`: SD v1.5's single file (model.diffusion_model. / first_stage_model. /
+    cond_stage_model.); `controlnet`: official ControlNet (control_model.); `hf-clip`,
+    `hf-clip-text`, `hf-clip-text-unprefixed`: transformers CLIP files; `diffusers-unet`,
+    `diffusers-vae`, `diffusers-controlnet`: diffusers model files; `ldm-unet`, `ldm-vae`: bare LDM
+    state dicts.
+    """
+    keys = list(keys)
+    for name, marker in _LAYOUT_MARKERS:
+        if any(marker(k) for k in keys):
+            return name
+    return "unknown"
+
+
 def _first(items: list[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")

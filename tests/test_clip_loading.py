@@ -184,7 +184,7 @@ def test_unet_passed_as_clip(tmp_path):
     with pytest.raises(CheckpointError, match=r"detected layout 'diffusers-unet' holds no CLIP text encoder"):
         load_text_encoder(file)
     sd_unet_only = {f"model.diffusion_model.{k}": torch.zeros(2) for k in ["input_blocks.0.0.weight", "out.2.bias"]}
-    with pytest.raises(CheckpointError, match=r"'sd-single-file without text encoder' holds no CLIP text encoder"):
+    with pytest.raises(CheckpointError, match=r"detected layout 'sd-single-file' holds no CLIP text encoder"):
         load_text_encoder(_write(tmp_path / "unet_only.safetensors", sd_unet_only))
     with pytest.raises(CheckpointError, match=r"detected layout 'diffusers-unet', expected a full CLIP model"):
         load_clip(file)
