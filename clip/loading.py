@@ -15,36 +15,15 @@ missing / unexpected / mis-shaped keys.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from common.weights import CheckpointError, detect_layout, load_strict, read_header, read_tensors
+from common.weights import (CheckpointError, config_beside, detect_layout, load_strict, read_header, read_tensors,
+                            resolve_file)
 from .model import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 SD_TEXT_PREFIX = "cond_stage_model.transformer."
-
-def _resolve(path: str | Path, candidates: list[str]) -> Path:
-    """A file path, or a folder in which the first existing candidate file is taken."""
-    path = Path(path)
-    if path.is_dir():
-        for name in candidates:
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path}: folder holds none of {', '.join(candidates)}")
-    return path
-
-
-def _config_beside(file: Path) -> dict | None:
-    cfg = file.parent / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
-
 
 def _not_position_ids(key: str) -> bool:
     return not key.endswith("embeddings.position_ids")
@@ -70,12 +49,12 @@ def load_text_encoder(path: str | Path, cfg: CLIPTextConfig | None = None, *, de
     or a folder holding `model.safetensors`. The config is `cfg`, else `config.json` beside the file,
     else ViT-L/14's.
     """
-    file = _resolve(path, ["text_encoder/model.safetensors", "model.safetensors"])
+    file = resolve_file(path, ["text_encoder/model.safetensors", "model.safetensors"])
     keys = [k for k in read_header(file) if _not_position_ids(k)]
     layout = detect_layout(keys)
     keys, rename = _text_keys(file, keys, layout)
     if cfg is None:
-        found = _config_beside(file) if layout != "sd-single-file" else None
+        found = config_beside(file) if layout != "sd-single-file" else None
         found = (found or {}).get("text_config", found)
         cfg = CLIPTextConfig.from_hf(found) if found else CLIPTextConfig.vit_l14()
     with torch.device("meta"):
@@ -90,14 +69,14 @@ def load_clip(path: str | Path, text_cfg: CLIPTextConfig | None = None, vision_c
     """Both CLIP towers and projections from openai/clip-vit-large-patch14's `model.safetensors`
     layout (a file, or its folder). Configs: the arguments, else `config.json` beside the file, else
     ViT-L/14's."""
-    file = _resolve(path, ["model.safetensors"])
+    file = resolve_file(path, ["model.safetensors"])
     keys = [k for k in read_header(file) if _not_position_ids(k)]
     layout = detect_layout(keys)
     if layout != "hf-clip":
         raise CheckpointError(f"{file}: detected layout {layout!r}, expected a full CLIP model ('hf-clip': keys "
                               f"text_model.*, vision_model.*, text_projection.weight, visual_projection.weight, "
                               f"logit_scale)")
-    found = _config_beside(file)
+    found = config_beside(file)
     if found is not None and (text_cfg is None or vision_cfg is None):
         projection = {"projection_dim": found.get("projection_dim", 512)}  # CLIPConfig's own default
         text_cfg = text_cfg or CLIPTextConfig.from_hf({**found.get("text_config", {}), **projection})

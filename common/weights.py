@@ -27,6 +27,28 @@ def _check_file(path: Path) -> None:
                               f".ckpt / .bin / .pth are refused); convert it to safetensors first")
 
 
+def resolve_file(path: str | Path, candidates: list[str]) -> Path:
+    """`path` itself when it is a file; in a folder, the first of `candidates` that exists."""
+    path = Path(path)
+    if path.is_dir():
+        for name in candidates:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: folder holds none of {', '.join(candidates)}")
+    return path
+
+
+def config_beside(file: Path) -> dict | None:
+    """The `config.json` in the same folder as `file` (diffusers / transformers layouts), if any."""
+    cfg = Path(file).parent / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+
+
 def read_header(path: str | Path) -> dict[str, dict]:
     """The tensor entries of a safetensors header: {key: {"dtype", "shape", "data_offsets"}}.
 
