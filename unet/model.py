@@ -13,6 +13,10 @@ official weights load with no mapping:
 The encoder half (`encode`: input_blocks + middle_block) and the decoder half (`decode`:
 output_blocks + out) are separate calls, so RetriNet and ControlNet can add residuals to the 12
 skips and the middle feature in between (DESIGN.md section 3).
+
+Norms are plain `nn.GroupNorm` (eps 1e-5; 1e-6 in the transformers, as in LDM). LDM's GroupNorm32
+casts to fp32 around it; torch's kernels already accumulate the statistics in fp32 for half inputs
+and autocast runs group_norm in fp32, so the extra casts would only add memory traffic.
 """
 from __future__ import annotations
 
@@ -82,13 +86,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (LDM's `normalization`)."""
-
-    def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 def zero_(module: nn.Module) -> nn.Module:
     """Zero-initialise a layer whose output starts a residual branch (LDM's `zero_module`)."""
     for p in module.parameters():
@@ -102,9 +99,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
                                         zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -186,8 +183,7 @@ class SpatialTransformer(nn.Module):
                  use_linear: bool = False, dropout: float = 0.0):
         super().__init__()
         inner = heads * dim_head
-        self.use_linear = use_linear
-        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
@@ -196,20 +192,22 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context, context_mask=None):
         b, c, h, w = x.shape
         residual = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, C, H, W) -> tokens (B, HW, C); free for channels_last
-        if self.use_linear:
-            x = self.proj_in(x)
+        x = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, H, W) -> tokens (B, HW, C)
+        x = _project(self.proj_in, x)
         for block in self.transformer_blocks:
             x = block(x, context, context_mask)
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + residual
+        x = _project(self.proj_out, x)
+        # residual first: the sum takes its memory format (contiguous, or channels_last if x was)
+        return residual + x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _project(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply a 1x1 conv (SD 1.x) or linear layer (SD 2) to (B, HW, C) tokens. A 1x1 conv is a
+    linear map of each pixel's channels, so both run as one matmul on the tokens (on the CPU this
+    also avoids the slow non-contiguous conv path)."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens)
 
 
 class Downsample(nn.Module):
@@ -302,7 +300,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 
     # -- runtime options -------------------------------------------------------------------------
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
