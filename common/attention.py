@@ -12,6 +12,7 @@ Every attention layer (CLIP text and vision towers, and later the UNet, the VAE 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -56,3 +57,13 @@ def _sdpa(q, k, v, mask, causal: bool, q_offset: int, scale):
         ki = torch.arange(k.shape[2], device=q.device)[None, :]
         mask = (ki <= qi) if mask is None else (mask & (ki <= qi))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def project_tokens(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply a 1x1 conv or a linear layer to (B, N, C) tokens. A 1x1 conv is a linear map of each
+    pixel's channels, so checkpoints that store attention projections as 1x1 convs (SD 1.x's
+    transformer proj_in/out, the VAE's q/k/v) run as one matmul on the tokens, with no layout copies
+    (and, on the CPU, without torch's slow path for convs on non-contiguous input)."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common.attention import attention
+from common.attention import attention, project_tokens
 
 
 @dataclass
@@ -193,21 +193,12 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, H, W) -> tokens (B, HW, C)
-        x = _project(self.proj_in, x)
+        x = project_tokens(self.proj_in, x)
         for block in self.transformer_blocks:
             x = block(x, context, context_mask)
-        x = _project(self.proj_out, x)
+        x = project_tokens(self.proj_out, x)
         # residual first: the sum takes its memory format (contiguous, or channels_last if x was)
         return residual + x.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
-def _project(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Apply a 1x1 conv (SD 1.x) or linear layer (SD 2) to (B, HW, C) tokens. A 1x1 conv is a
-    linear map of each pixel's channels, so both run as one matmul on the tokens (on the CPU this
-    also avoids the slow non-contiguous conv path)."""
-    if isinstance(layer, nn.Conv2d):
-        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
-    return layer(tokens)
 
 
 class Downsample(nn.Module):

@@ -1,0 +1,101 @@
+"""Loading the VAE from SD v1.5's single file or a diffusers folder, strictly.
+
+The single file keeps LDM names under `first_stage_model.` (our module paths). A diffusers
+`vae/diffusion_pytorch_model.safetensors` renames blocks, reverses the decoder's level order and
+stores the mid-block attention projections as linear weights (C, C) instead of 1x1 convs
+(C, C, 1, 1); `diffusers_to_ldm_table` plus the reshape in `diffusers_to_ldm` is the one mapping.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.weights import (CheckpointError, config_beside, detect_layout, load_strict, read_header, read_tensors,
+                            resolve_file)
+from .model import AutoencoderKL, VAEConfig
+
+SD_VAE_PREFIX = "first_stage_model."
+
+# Inside blocks: diffusers name -> LDM name (older diffusers files use query/key/value/proj_attn).
+INNER_NAMES = {"conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+               "to_out.0": "proj_out", "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def diffusers_to_ldm_table(cfg: VAEConfig) -> dict[str, str]:
+    """Block prefixes, diffusers -> LDM, for a VAE of config `cfg`."""
+    levels = len(cfg.ch_mult)
+    table = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}
+    for part in ("encoder", "decoder"):
+        table[f"{part}.mid_block.resnets.0."] = f"{part}.mid.block_1."
+        table[f"{part}.mid_block.resnets.1."] = f"{part}.mid.block_2."
+        table[f"{part}.mid_block.attentions.0."] = f"{part}.mid.attn_1."
+    for i in range(levels):
+        for j in range(cfg.num_res_blocks):
+            table[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = f"encoder.down.{i}.downsample.conv."
+        for j in range(cfg.num_res_blocks + 1):  # diffusers runs up_blocks in order; LDM indexes by level
+            table[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{levels - 1 - i}.block.{j}."
+        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{levels - 1 - i}.upsample.conv."
+    return table
+
+
+def diffusers_to_ldm(state: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """Rename a diffusers AutoencoderKL state dict to LDM keys; attention projections become 1x1
+    conv weights. Unmatched keys are kept as they are, so a strict load names them."""
+    table = diffusers_to_ldm_table(cfg)
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in table if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+            continue
+        rest = key[len(prefix):]
+        inner, _, leaf = rest.rpartition(".")
+        new = table[prefix] + (f"{INNER_NAMES.get(inner, inner)}.{leaf}" if inner else leaf)
+        if ".attn_1." in new and leaf == "weight" and value.dim() == 2:
+            value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def config_from_diffusers(d: dict) -> VAEConfig:
+    """VAEConfig from a diffusers `vae/config.json` (AutoencoderKL)."""
+    channels = list(d.get("block_out_channels", (128, 256, 512, 512)))
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first")
+    z = d.get("latent_channels", 4)
+    return VAEConfig(embed_dim=z, z_channels=z, resolution=d.get("sample_size", 256), in_channels=d.get("in_channels", 3),
+                     out_ch=d.get("out_channels", 3), ch=ch, ch_mult=tuple(c // ch for c in channels),
+                     num_res_blocks=d.get("layers_per_block", 2))
+
+
+def load_vae(path: str | Path, cfg: VAEConfig | None = None, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The VAE from SD's single file (`first_stage_model.*`), a diffusers folder
+    (`vae/diffusion_pytorch_model.safetensors`, or that file) or a bare LDM-named file. Config:
+    `cfg`, else the diffusers `config.json` beside the file, else SD v1.5's."""
+    file = resolve_file(path, ["vae/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors"])
+    keys = list(read_header(file))
+    layout = detect_layout(keys)
+    if cfg is None:
+        found = config_beside(file) if layout == "diffusers-vae" else None
+        cfg = config_from_diffusers(found) if found else VAEConfig.sd15()
+    if layout == "sd-single-file":
+        vae_keys = [k for k in keys if k.startswith(SD_VAE_PREFIX)]
+        if not vae_keys:
+            raise CheckpointError(f"{file}: detected layout 'sd-single-file' holds no VAE (no keys under "
+                                  f"'{SD_VAE_PREFIX}')")
+        state = read_tensors(file, vae_keys, rename=lambda k: k[len(SD_VAE_PREFIX):], device=device, dtype=dtype)
+    elif layout == "diffusers-vae":
+        state = diffusers_to_ldm(read_tensors(file, device=device, dtype=dtype), cfg)
+    elif layout == "ldm-vae":
+        state = read_tensors(file, device=device, dtype=dtype)
+    else:
+        raise CheckpointError(f"{file}: detected layout {layout!r} holds no VAE (expected SD's single file, a "
+                              f"diffusers vae/ file or LDM VAE keys; first keys: {', '.join(keys[:3])})")
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)
+    load_strict(model, state, source=str(file), layout=layout)
+    return model.to(device=device, dtype=dtype).eval()
