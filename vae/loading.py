@@ -66,7 +66,9 @@ def config_from_diffusers(d: dict) -> VAEConfig:
     if any(c % ch for c in channels):
         raise ValueError(f"block_out_channels {channels} are not multiples of the first")
     z = d.get("latent_channels", 4)
-    return VAEConfig(embed_dim=z, z_channels=z, resolution=d.get("sample_size", 256), in_channels=d.get("in_channels", 3),
+    # `resolution` only places level attention, which diffusers' AutoencoderKL has none of; diffusers'
+    # `sample_size` (512 for SD) is a different notion, so LDM's value stays.
+    return VAEConfig(embed_dim=z, z_channels=z, in_channels=d.get("in_channels", 3),
                      out_ch=d.get("out_channels", 3), ch=ch, ch_mult=tuple(c // ch for c in channels),
                      num_res_blocks=d.get("layers_per_block", 2))
 
