@@ -99,16 +99,19 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        # In-place SiLU after a norm and in-place adds on fresh conv outputs: the same arithmetic with
+        # fewer large allocations. (Not in emb_layers: the embedding is shared by every block.)
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(inplace=True),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(inplace=True), nn.Dropout(dropout),
                                         zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        return self.skip_connection(x) + self.out_layers(h)
+        h = h.add_(self.emb_layers(emb)[:, :, None, None].to(h.dtype))
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class CrossAttention(nn.Module):
@@ -291,7 +294,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(inplace=True), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 
     # -- runtime options -------------------------------------------------------------------------
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
