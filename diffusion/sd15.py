@@ -1,0 +1,120 @@
+"""Stable Diffusion v1.5 as one object: loading every part, and text-to-image sampling.
+
+`load_sd15` reads the single file (`v1-5-pruned-emaonly.safetensors`) or the diffusers folder
+(`unet/ vae/ text_encoder/ tokenizer/`), strictly, with each part's loader. `text_to_image`
+is the sampling loop of the diffusers pipeline written out: encode the prompts, draw the initial
+latents, run the sampler with classifier-free guidance in one batched U-Net call per step, decode.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, load_text_encoder
+from common.weights import CheckpointError
+from unet import UNet, UNetConfig, load_unet
+from vae import AutoencoderKL, VAEConfig, load_vae
+from .samplers import make_sampler
+
+LATENT_SCALE = 0.18215  # LDM's scale_factor: latents = 0.18215 * vae.encode(x).sample()
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.out[2].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.out[2].weight.dtype
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, 768) text context; over-long prompts are truncated with a warning."""
+        return self.text_encoder(self.tokenizer(prompts).to(self.device))
+
+
+def load_configs(path: str | Path) -> dict:
+    """Model configs from a JSON file {"unet": {...}, "vae": {...}, "text_encoder": {...}} (LDM names
+    for unet/vae, transformers names for the text encoder); any part may be left out."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read model configs ({e})") from None
+    unknown = set(raw) - {"unet", "vae", "text_encoder"}
+    if unknown:
+        raise ValueError(f"{path}: unknown parts {sorted(unknown)}; expected unet, vae, text_encoder")
+    try:
+        return {"unet": UNetConfig(**raw["unet"]) if "unet" in raw else None,
+                "vae": VAEConfig(**raw["vae"]) if "vae" in raw else None,
+                "text_encoder": CLIPTextConfig.from_hf(raw["text_encoder"]) if "text_encoder" in raw else None}
+    except TypeError as e:
+        raise ValueError(f"{path}: bad config field ({e})") from None
+
+
+def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              configs: dict | None = None) -> StableDiffusion:
+    """All of SD v1.5 from the single file or the diffusers folder, on `device` in `dtype`.
+
+    Configs: `configs` ({"unet", "vae", "text_encoder"}), else the diffusers folder's config.json
+    files, else SD v1.5's. The tokenizer is the folder's `tokenizer/` or the bundled vocabulary.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    configs = configs or {}
+    parts = dict(device=device, dtype=dtype)
+    unet = load_unet(path, configs.get("unet"), **parts)
+    vae = load_vae(path, configs.get("vae"), **parts)
+    text_encoder = load_text_encoder(path, configs.get("text_encoder"), **parts)
+    tokenizer_dir = path / "tokenizer"
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else CLIPTokenizer.default()
+    return StableDiffusion(unet, vae, text_encoder, tokenizer)
+
+
+@torch.no_grad()
+def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, num: int = 1, steps: int = 50,
+                  guidance: float = 7.0, sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Generate `num` images for one prompt; returns uint8 (num, H, W, 3) on the CPU.
+
+    Matches diffusers' StableDiffusionPipeline called with a CPU `torch.Generator().manual_seed(seed)`:
+    the initial latents (num, 4, H/8, W/8) are drawn at once from that generator, and stochastic
+    samplers draw their noise from it too. Guidance <= 1 runs the prompt alone.
+    """
+    f = sd.vae.config.downscale
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    generator = torch.Generator().manual_seed(seed)
+    use_cfg = guidance > 1.0
+    context = sd.encode_prompts([prompt] * num)
+    if use_cfg:
+        context = torch.cat([sd.encode_prompts([negative_prompt] * num), context])
+
+    s = make_sampler(sampler, steps)
+    shape = (num, sd.unet.config.in_channels, height // f, width // f)
+    x = torch.randn(shape, generator=generator, dtype=sd.dtype).to(sd.device) * s.init_noise_sigma
+    for i, t in enumerate(s.timesteps):
+        model_in = s.scale_model_input(x, i)
+        if use_cfg:
+            eps_uncond, eps_text = sd.unet(torch.cat([model_in] * 2), t.to(sd.device), context).chunk(2)
+            eps = eps_uncond + guidance * (eps_text - eps_uncond)
+        else:
+            eps = sd.unet(model_in, t.to(sd.device), context)
+        x = s.step(eps, i, x, generator=generator)
+        if progress:
+            progress(i + 1, len(s.timesteps))
+    image = sd.vae.decode(x / LATENT_SCALE)
+    image = (image.float() / 2 + 0.5).clamp(0, 1)
+    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,138 @@
+"""The noise schedule and the samplers against diffusers' schedulers under SD v1.5's scheduler config.
+
+Whole trajectories run a deterministic, nonlinear fake model through ours and through the diffusers loop of
+StableDiffusionPipeline (set_timesteps, scale_model_input, step(...).prev_sample) from the same initial noise and,
+for stochastic samplers, the same generator seed; every intermediate x must agree.
+"""
+import inspect
+
+import diffusers
+import pytest
+import torch
+
+from diffusion import SAMPLERS, NoiseSchedule, make_sampler
+from helpers import rel_err
+
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+DIFFUSERS_CLASS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                   "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+SHAPE = (2, 4, 7, 9)
+STEPS = [1, 2, 3, 7, 20, 50]
+CASES = [(name, {}) for name in SAMPLERS] + [("ddim", {"eta": 1.0})]
+
+# diffusers' schedulers call np.array on tensors, which numpy 2 flags; not ours to fix.
+
+
+def fake_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.3 * torch.tanh(x) + 0.01 * t.float() / 1000 * x.flip(-1)
+
+
+def diffusers_scheduler(name: str):
+    return getattr(diffusers, DIFFUSERS_CLASS[name]).from_config(SD_SCHEDULER)
+
+
+def run_ours(name: str, steps: int, noise: torch.Tensor, seed: int = 0, **kwargs):
+    s = make_sampler(name, steps, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    x = noise * s.init_noise_sigma
+    xs = []
+    for i, t in enumerate(s.timesteps):
+        x = s.step(fake_model(s.scale_model_input(x, i), t), i, x, generator=g)
+        xs.append(x)
+    return s, xs
+
+
+def run_diffusers(name: str, steps: int, noise: torch.Tensor, seed: int = 0, **kwargs):
+    sched = diffusers_scheduler(name)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    extra = dict(kwargs)
+    if "generator" in inspect.signature(sched.step).parameters:
+        extra["generator"] = g
+    x = noise * sched.init_noise_sigma
+    xs = []
+    for t in sched.timesteps:
+        x = sched.step(fake_model(sched.scale_model_input(x, t), t), t, x, **extra).prev_sample
+        xs.append(x)
+    return sched, xs
+
+
+def test_schedule_equals_diffusers():
+    ours, ref = NoiseSchedule.sd15(), diffusers.DDPMScheduler.from_config(SD_SCHEDULER)
+    assert torch.equal(ours.betas, ref.betas)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    assert ours.alphas_cumprod[0].item() == pytest.approx(0.99915, abs=1e-6)
+    assert ours.alphas_cumprod[999].item() == pytest.approx(0.0046601, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_noise_equals_diffusers(dtype):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 4, 7, 9, generator=g, dtype=dtype)
+    noise = torch.randn(5, 4, 7, 9, generator=g, dtype=dtype)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    ours = NoiseSchedule.sd15().add_noise(x0, noise, t)
+    ref = diffusers.DDPMScheduler.from_config(SD_SCHEDULER).add_noise(x0, noise, t)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[f"{n}{'-eta1' if k else ''}" for n, k in CASES])
+def test_trajectory_equals_diffusers(name, kwargs, steps):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    ours, xs = run_ours(name, steps, noise, **kwargs)
+    ref, ref_xs = run_diffusers(name, steps, noise, **kwargs)
+    assert ours.timesteps.dtype == ref.timesteps.dtype
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert isinstance(ours.init_noise_sigma, float)
+    assert ours.init_noise_sigma == float(ref.init_noise_sigma)
+    assert len(xs) == len(ref_xs)
+    for i, (x, r) in enumerate(zip(xs, ref_xs)):
+        assert rel_err(x, r) <= 1e-5, (i, rel_err(x, r))
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[f"{n}{'-eta1' if k else ''}" for n, k in CASES])
+def test_half_precision_trajectory_equals_diffusers(name, kwargs):
+    # The model's dtype is kept: coefficients are float32 scalars, Euler/DPM update in float32 and cast back.
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    _, xs = run_ours(name, 7, noise, **kwargs)
+    _, ref_xs = run_diffusers(name, 7, noise, **kwargs)
+    for x, r in zip(xs, ref_xs):
+        assert x.dtype == r.dtype == torch.bfloat16
+        assert rel_err(x, r) <= 1e-2
+
+
+def test_known_timesteps():
+    assert make_sampler("ddim", 50).timesteps.tolist() == list(range(981, 0, -20))
+    assert make_sampler("pndm", 50).timesteps[:4].tolist() == [981, 961, 961, 941]
+    assert make_sampler("dpmpp_2m", 50).timesteps[[0, -1]].tolist() == [951, 20]
+    assert make_sampler("euler", 50).init_noise_sigma == pytest.approx(13.1585, abs=1e-4)
+
+
+@pytest.mark.parametrize("name,kwargs", [("euler_a", {}), ("ddim", {"eta": 1.0})])
+def test_stochastic_samplers_follow_the_seed(name, kwargs):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    a = run_ours(name, 7, noise, seed=3, **kwargs)[1][-1]
+    b = run_ours(name, 7, noise, seed=3, **kwargs)[1][-1]
+    c = run_ours(name, 7, noise, seed=4, **kwargs)[1][-1]
+    assert torch.equal(a, b)
+    assert rel_err(a, c) > 1e-2
+
+
+def test_make_sampler_rejects_unknown_names_and_bad_counts():
+    with pytest.raises(ValueError, match="unknown sampler 'heun'; choose one of pndm, ddim, euler, euler_a, dpmpp_2m"):
+        make_sampler("heun", 10)
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        make_sampler("ddim", 0)
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpmpp_2m"])
+def test_multistep_samplers_refuse_steps_out_of_order(name):
+    s = make_sampler(name, 5)
+    x = torch.zeros(SHAPE)
+    s.step(x, 0, x)
+    with pytest.raises(RuntimeError, match="expected 1"):
+        s.step(x, 0, x)

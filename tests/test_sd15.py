@@ -1,0 +1,167 @@
+"""Text-to-image end to end: our pipeline equals diffusers' StableDiffusionPipeline on the same small
+random model, and sample.py works as a command (files, metadata, determinism, errors)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+
+import test_unet
+import test_vae
+from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from clip.tokenizer import write_vocab_files
+from diffusion.sd15 import StableDiffusion, load_sd15, text_to_image
+from helpers import randomize_
+from unet import UNet, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
+UNET = UNetConfig(model_channels=32, attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
+                  context_dim=32)
+VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)  # downscale 8, as SD's
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+                    prediction_type="epsilon", timestep_spacing="leading")
+
+
+@pytest.fixture(scope="module")
+def small_sd():
+    torch.manual_seed(0)
+    unet = randomize_(UNet(UNET).eval(), seed=31)
+    vae = randomize_(AutoencoderKL(VAE).eval(), seed=32)
+    hf_text = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)).eval(), seed=33)
+    text = CLIPTextModel(CLIPTextConfig.from_hf(TEXT)).eval()
+    text.load_state_dict({"text_model." + k: v for k, v in hf_text.state_dict().items()})
+    # Random weights give wild latents; tame the VAE decoder's output so images are not all clipped.
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(0.05)
+    return StableDiffusion(unet, vae, text, CLIPTokenizer.default()), hf_text
+
+
+def _diffusers_pipeline(sd, hf_text, sampler, tmp_path):
+    import diffusers
+    classes = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+               "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+    vocab, merges = write_vocab_files(tmp_path / "tok")
+    return diffusers.StableDiffusionPipeline(
+        vae=test_vae.diffusers_twin(sd.vae, VAE), text_encoder=hf_text,
+        tokenizer=transformers.CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77),
+        unet=test_unet.diffusers_twin(sd.unet, UNET),
+        scheduler=getattr(diffusers, classes[sampler]).from_config(SD_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_equals_diffusers_pipeline(small_sd, sampler, tmp_path):
+    sd, hf_text = small_sd
+    pipe = _diffusers_pipeline(sd, hf_text, sampler, tmp_path)
+    kw = dict(height=64, width=48)
+    ours = text_to_image(sd, "a red fox in the snow", "blurry", num=2, steps=6, guidance=7.0, sampler=sampler,
+                         seed=3, **kw)
+    ref = pipe("a red fox in the snow", negative_prompt="blurry", num_images_per_prompt=2, num_inference_steps=6,
+               guidance_scale=7.0, generator=torch.Generator().manual_seed(3), output_type="np", **kw).images
+    ref = np.round(ref * 255).astype(np.int16)
+    assert ours.shape == (2, 64, 48, 3)
+    assert ref.std() > 5  # the images are not flat
+    assert np.abs(ours.numpy().astype(np.int16) - ref).max() <= 1
+
+
+# ---- sample.py as a command -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights(small_sd, tmp_path_factory):
+    """The small model written as a diffusers folder (configs included) and as a single file."""
+    sd, hf_text = small_sd
+    root = tmp_path_factory.mktemp("weights")
+    folder = root / "sd-small"
+    pipe = _diffusers_pipeline(sd, hf_text, "pndm", root)
+    pipe.unet.save_pretrained(folder / "unet")
+    pipe.vae.save_pretrained(folder / "vae")
+    (folder / "text_encoder").mkdir()
+    hf_text.config.to_json_file(folder / "text_encoder" / "config.json")
+    save_file({"text_model." + k: v.contiguous() for k, v in hf_text.state_dict().items()},
+              folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    write_vocab_files(folder / "tokenizer")
+
+    single = {}
+    for prefix, module in [("model.diffusion_model.", sd.unet), ("first_stage_model.", sd.vae),
+                           ("cond_stage_model.transformer.", sd.text_encoder)]:
+        single.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
+    single["model_ema.decay"] = torch.tensor(0.9999)
+    save_file(single, root / "small.safetensors", metadata={"format": "pt"})
+    config = root / "small.json"
+    config.write_text(json.dumps({"unet": {**UNET.__dict__}, "vae": {**VAE.__dict__}, "text_encoder": TEXT}))
+    return folder, root / "small.safetensors", config
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_sample_cli_writes_deterministic_pngs_with_metadata(weights, tmp_path):
+    folder, single, config = weights
+    common = ["--prompt", "a red fox in the snow", "--steps", 4, "--height", 64, "--width", 48, "--num", 2,
+              "--device", "cpu"]
+    r1 = run_sample("--weights", folder, *common, "--seed", 5, "--out", tmp_path / "a")
+    assert r1.returncode == 0, r1.stderr
+    assert "step 5/5" in r1.stderr  # PNDM evaluates its second timestep twice: steps + 1 model calls
+    files = sorted((tmp_path / "a").glob("*.png"))
+    assert [f.name for f in files] == ["a_red_fox_in_the_snow-s5-0.png", "a_red_fox_in_the_snow-s5-1.png"]
+    meta = json.loads(Image.open(files[1]).text["parameters"])
+    assert meta == dict(prompt="a red fox in the snow", negative_prompt="", steps=4, guidance=7.0, sampler="pndm",
+                        seed=5, index=1, num=2, height=64, width=48, weights="sd-small", precision="fp32",
+                        device="cpu")
+    assert Image.open(files[0]).size == (48, 64)
+
+    # Same arguments, single-file weights with an explicit config: byte-identical files.
+    r2 = run_sample("--weights", single, "--config", config, *common, "--seed", 5, "--out", tmp_path / "b")
+    assert r2.returncode == 0, r2.stderr
+    for f in files:
+        a = np.asarray(Image.open(f))
+        b = np.asarray(Image.open(tmp_path / "b" / f.name))
+        assert np.array_equal(a, b)
+    r3 = run_sample("--weights", folder, *common, "--seed", 5, "--out", tmp_path / "c")
+    assert all((tmp_path / "c" / f.name).read_bytes() == f.read_bytes() for f in files)
+    r4 = run_sample("--weights", folder, *common, "--seed", 6, "--out", tmp_path / "d")
+    assert r3.returncode == r4.returncode == 0
+    other = np.asarray(Image.open(tmp_path / "d" / "a_red_fox_in_the_snow-s6-0.png"))
+    assert not np.array_equal(other, np.asarray(Image.open(files[0])))
+
+
+def test_sample_cli_long_prompt_warns(weights, tmp_path):
+    folder, _, _ = weights
+    r = run_sample("--weights", folder, "--prompt", "word " * 90, "--steps", 1, "--height", 16, "--width", 16,
+                   "--out", tmp_path, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "15 tokens dropped" in r.stderr
+
+
+def test_sample_cli_rejects_bad_input_before_building_models(tmp_path):
+    # The weights file is junk: had a model been built first, the error would be about the file.
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["--weights", tmp_path / "missing.safetensors"], "--weights .*missing.safetensors: no such file"),
+        (["--weights", junk, "--sampler", "heun"], "--sampler 'heun' is unknown; choose one of pndm"),
+        (["--weights", junk, "--height", 100], "--height 100 must be a positive multiple of 8"),
+        (["--weights", junk, "--out", blocker / "sub"], "--out .*a_file/sub: cannot write there"),
+        (["--weights", junk, "--precision", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
+    ]
+    import re
+    for extra, message in cases:
+        r = run_sample("--prompt", "x", "--out", tmp_path / "o", *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert re.search(message, r.stderr), (extra, r.stderr)
+    r = run_sample("--prompt", "x", "--weights", junk, "--out", tmp_path / "o", "--device", "cpu")
+    assert r.returncode == 1 and "junk.safetensors: not a safetensors file" in r.stderr
