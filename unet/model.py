@@ -246,9 +246,15 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
-    """`forward(x, timesteps, context) -> eps`: the noise predicted for latents x at `timesteps`
-    (int or float, (B,) or scalar) under text `context` (B, L, context_dim)."""
+def _transformer(cfg: UNetConfig, ch: int, level: int) -> SpatialTransformer:
+    heads, dim_head = cfg.heads_and_dim(ch)
+    return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim, cfg.use_linear_in_transformer,
+                              cfg.dropout)
+
+
+class UNetEncoder(nn.Module):
+    """time_embed + input_blocks + middle_block: the encoder half of LDM's U-Net. On its own it is
+    the trunk of ControlNet and of RetriNet's retrieval encoder E (same blocks, same key names)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -257,46 +263,25 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False  # runtime switch: recompute each block in backward
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        def transformer(ch, level):
-            heads, dim_head = cfg.heads_and_dim(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
-                                      cfg.use_linear_in_transformer, cfg.dropout)
-
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels, ch, ds = [mc], mc, 1
+        self.skip_channels, ch, ds = [mc], mc, 1  # channels of the 12 skips (input-block outputs)
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, level))
+                    layers.append(_transformer(cfg, ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
                 ds *= 2
+        self.middle_channels = ch
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout),
+                                                    _transformer(cfg, ch, len(cfg.channel_mult) - 1),
+                                                    ResBlock(ch, emb_dim, ch, cfg.dropout))
 
-        last = len(cfg.channel_mult) - 1
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, cfg.dropout), transformer(ch, last), ResBlock(ch, emb_dim, ch, cfg.dropout))
-
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, cfg.dropout)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, level))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(inplace=True), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
-
-    # -- runtime options -------------------------------------------------------------------------
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
         """Set every attention layer's fp32 upcast and/or query chunk size (None = no chunking)."""
         for m in self.modules():
@@ -311,7 +296,6 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    # -- the three parts of a forward pass -------------------------------------------------------
     def embed_time(self, timesteps, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """Timestep embedding (B, 4 * model_channels)."""
         t = torch.as_tensor(timesteps, device=self.time_embed[0].weight.device)
@@ -320,14 +304,42 @@ class UNet(nn.Module):
             raise ValueError(f"timesteps must be a scalar or shape ({batch},), got {tuple(t.shape)}")
         return self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
 
-    def encode(self, x, emb, context, context_mask=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """input_blocks + middle_block -> (the 12 skip features, the middle feature)."""
+    def encode(self, x, emb, context, context_mask=None, hint=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """input_blocks + middle_block -> (the 12 skip features, the middle feature). `hint` is added
+        after the first block (conv_in), as ControlNet adds its hint embedding."""
         skips, h = [], x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context, context_mask)
+            if i == 0 and hint is not None:
+                h = h + hint
             skips.append(h)
         return skips, self._run(self.middle_block, h, emb, context, context_mask)
 
+
+class UNet(UNetEncoder):
+    """`forward(x, timesteps, context) -> eps`: the noise predicted for latents x at `timesteps`
+    (int or float, (B,) or scalar) under text `context` (B, L, context_dim). The encoder half comes
+    from UNetEncoder; output_blocks and out are the decoder."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        skip_channels, ch = list(self.skip_channels), self.middle_channels
+        ds = 2 ** (len(cfg.channel_mult) - 1)
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, cfg.dropout)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(_transformer(cfg, ch, level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(inplace=True), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+
+    # -- the decoder half and the whole forward pass ---------------------------------------------
     def decode(self, skips, middle, emb, context, context_mask=None, skip_residuals=None, middle_residual=None):
         """output_blocks + out. Residuals (ControlNet / RetriNet) are added to each skip and to the
         middle feature first; `skip_residuals[i]` goes with `skips[i]`."""
