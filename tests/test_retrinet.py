@@ -1,0 +1,155 @@
+"""RetriNet: untrained identity with SD, what trains under each lock, set semantics of references,
+masks, mixed sizes, checkpoints."""
+import pytest
+import torch
+
+from common.weights import CheckpointError
+from helpers import randomize_, rel_err
+from retrinet import RetriUNet
+from unet import UNet, UNetConfig
+
+CFG = UNetConfig(model_channels=32, attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2, 2),
+                 num_heads=4, context_dim=24)
+
+
+def _unet(seed=0):
+    return randomize_(UNet(CFG).eval(), seed=seed)
+
+
+def _inputs(b=2, k=3, ref_hw=(8, 12), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, 16, 8, generator=g)
+    t = torch.tensor([17, 640][:b])
+    ctx = torch.randn(b, 5, 24, generator=g)
+    refs = torch.randn(b, k, 4, *ref_hw, generator=g)
+    ref_ctx = torch.randn(b, k, 3, 24, generator=g)
+    return x, t, ctx, refs, ref_ctx
+
+
+def _trained_like(model, seed=2):
+    """Randomise RetriNet's own layers (the zero convs too), as training would move them."""
+    randomize_(model.retrinet.cross_attn, seed=seed)
+    randomize_(model.retrinet.zero_convs, seed=seed + 1)
+    return model
+
+
+def test_untrained_retrinet_reproduces_sd_exactly():
+    unet = _unet()
+    model = RetriUNet(unet).eval()
+    x, t, ctx, refs, ref_ctx = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx, refs, ref_ctx), unet(x, t, ctx))
+    # E is a copy of SD's encoder half
+    own = model.retrinet.encoder.state_dict()
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in own.items())
+    # one site per skip plus the middle block (13 for SD v1.5; this config has 6 skips)
+    assert len(model.retrinet.cross_attn) == len(model.retrinet.zero_convs) == len(unet.output_blocks) + 1 == 7
+    assert [c.norm_q.num_channels for c in model.retrinet.cross_attn] == [32, 32, 32, 64, 64, 64, 64]
+
+
+def test_sd15_sites():
+    with torch.device("meta"):
+        model = RetriUNet(UNet(UNetConfig.sd15()))
+    channels = [c.norm_q.num_channels for c in model.retrinet.cross_attn]
+    assert channels == [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280]
+
+
+@pytest.mark.parametrize("lock", ["none", "decoder", "both"])
+def test_gradients_reach_exactly_the_trainable_parameters(lock):
+    model = _trained_like(RetriUNet(_unet(), lock=lock))
+    x, t, ctx, refs, ref_ctx = _inputs()
+    with torch.no_grad():
+        assert rel_err(model(x, t, ctx, refs, ref_ctx), model.unet(x, t, ctx)) > 1e-3  # references matter now
+    model(x, t, ctx, refs, ref_ctx).square().mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expect = {n for n, _ in model.named_parameters() if n.startswith(("retrinet.cross_attn", "retrinet.zero_convs"))}
+    if lock != "both":
+        expect |= {n for n, _ in model.named_parameters() if n.startswith("retrinet.encoder")}
+    if lock == "none":
+        expect |= {n for n, _ in model.named_parameters() if n.startswith(("unet.output_blocks", "unet.out"))}
+    assert trainable == expect
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for n, p in model.named_parameters() if n in expect}
+
+
+def test_references_are_a_set():
+    model = _trained_like(RetriUNet(_unet()).eval())
+    x, t, ctx, refs, ref_ctx = _inputs(k=4)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        a = model(x, t, ctx, refs, ref_ctx)
+        b = model(x, t, ctx, refs[:, perm], ref_ctx[:, perm])
+    assert rel_err(b, a) <= 1e-5
+
+
+def test_masked_extra_reference_changes_nothing():
+    model = _trained_like(RetriUNet(_unet()).eval())
+    x, t, ctx, refs, ref_ctx = _inputs(k=3)
+    junk = torch.randn(2, 1, 4, 8, 12) * 5
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    with torch.no_grad():
+        plain = model(x, t, ctx, refs, ref_ctx)
+        padded = model(x, t, ctx, torch.cat([refs, junk], 1), torch.cat([ref_ctx, ref_ctx[:, :1]], 1), mask)
+        # a different number of references per sample: sample 0 has 1, sample 1 has 3
+        mask2 = torch.tensor([[True, False, False], [True, True, True]])
+        mixed = model(x, t, ctx, refs, ref_ctx, mask2)
+        one = model(x[:1], t[:1], ctx[:1], refs[:1, :1], ref_ctx[:1, :1])
+    assert rel_err(padded, plain) <= 1e-5
+    assert rel_err(mixed[:1], one) <= 1e-5 and rel_err(mixed[1:], plain[1:]) <= 1e-5
+
+
+def test_sample_without_references_is_plain_sd():
+    model = _trained_like(RetriUNet(_unet()).eval())
+    x, t, ctx, refs, ref_ctx = _inputs()
+    with torch.no_grad():
+        out = model(x, t, ctx, refs, ref_ctx, torch.tensor([[False] * 3, [True] * 3]))
+        assert torch.isfinite(out).all()
+        assert rel_err(out[:1], model.unet(x[:1], t[:1], ctx[:1])) <= 1e-5
+
+
+def test_references_of_another_size_and_precomputed_features():
+    model = _trained_like(RetriUNet(_unet()).eval())
+    x, t, ctx, refs, ref_ctx = _inputs(ref_hw=(24, 16))  # larger than the 16x8 target
+    with torch.no_grad():
+        out = model(x, t, ctx, refs, ref_ctx)
+        feats = model.retrinet.encode_refs(refs, t, ref_ctx)
+        assert torch.equal(model(x, t, ctx, refs, ref_ctx, features=feats), out)
+    assert out.shape == x.shape
+
+
+def test_save_load_round_trip_and_mismatch(tmp_path):
+    model = _trained_like(RetriUNet(_unet(), lock="none"))
+    randomize_(model.unet.output_blocks, seed=9)  # "trained" decoder travels with the file
+    x, t, ctx, refs, ref_ctx = _inputs()
+    model.save(tmp_path / "retri.safetensors")
+    loaded = RetriUNet.load(tmp_path / "retri.safetensors", _unet()).eval()  # a fresh copy of the base SD
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, ctx, refs, ref_ctx), model(x, t, ctx, refs, ref_ctx))
+    assert loaded.lock == "none"
+    locked = _trained_like(RetriUNet(_unet(), lock="decoder"))
+    locked.save(tmp_path / "lockd.safetensors")
+    assert RetriUNet.load(tmp_path / "lockd.safetensors", _unet()).lock == "decoder"
+    other = UNet(UNetConfig(model_channels=32, attention_resolutions=(1,), num_res_blocks=1, channel_mult=(1, 2, 2),
+                            num_heads=4, context_dim=24))
+    with pytest.raises(CheckpointError, match=r"RetriNet made for another base U-Net; .*attention_resolutions"):
+        RetriUNet.load(tmp_path / "retri.safetensors", other)
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="not a RetriNet checkpoint"):
+        RetriUNet.load(tmp_path / "plain.safetensors", _unet())
+
+
+def test_bad_inputs():
+    model = RetriUNet(_unet())
+    x, t, ctx, refs, ref_ctx = _inputs()
+    with pytest.raises(ValueError, match=r"refs must be \(2, K, 4, h, w\)"):
+        model(x, t, ctx, refs[:, 0], ref_ctx)
+    with pytest.raises(ValueError, match="ref_mask must have shape"):
+        model(x, t, ctx, refs, ref_ctx, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="lock must be one of"):
+        RetriUNet(_unet(), lock="all")
