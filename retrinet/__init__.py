@@ -1,4 +1,4 @@
 """RetriNet: the retrieval encoder and its cross-attention injection into the SD U-Net (DESIGN.md section 3)."""
-from .model import LOCKS, ReferenceCrossAttention, RetriNet, RetriUNet, read_metadata
+from .model import LOCKS, MODES, ControlNet, ReferenceCrossAttention, RetriNet, RetriUNet, read_metadata
 
-__all__ = ["RetriUNet", "RetriNet", "ReferenceCrossAttention", "LOCKS", "read_metadata"]
+__all__ = ["RetriUNet", "RetriNet", "ControlNet", "MODES", "ReferenceCrossAttention", "LOCKS", "read_metadata"]

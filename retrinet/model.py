@@ -24,11 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.attention import attention
-from common.weights import CheckpointError, read_header, read_tensors
+from common.weights import CheckpointError, detect_layout, load_strict, read_header, read_tensors
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
 
 LOCKS = ("none", "decoder", "both")  # paper: default, LockD, LockB
+MODES = ("retrinet", "controlnet")
 
 
 class ReferenceCrossAttention(nn.Module):
@@ -102,6 +103,31 @@ class RetriNet(nn.Module):
         return res
 
 
+class ControlNet(UNetEncoder):
+    """ControlNet (Zhang et al. 2023), the paper's baseline (Sec. 5.2, ControlNet-a/-b): a copy of
+    SD's encoder half reads x_t plus a hint embedding of one reference image and adds its 13 outputs,
+    through zero convs, to the skips and the middle feature. Keys are the official checkpoint's
+    under `control_model.`: time_embed, input_blocks, middle_block, input_hint_block.{0..14},
+    zero_convs.{0..11}.0, middle_block_out.0."""
+
+    def __init__(self, cfg: UNetConfig, hint_channels: int = 3):
+        super().__init__(cfg)
+        # 3x3 convs 3-16-16-32-32-96-96-256 (stride 2 into 32, 96, 256: the image -> latent size), SiLU
+        # between, then a zero conv to model_channels.
+        widths = [hint_channels, 16, 16, 32, 32, 96, 96, 256]
+        layers = []
+        for i, (a, b) in enumerate(zip(widths, widths[1:])):
+            layers += [nn.Conv2d(a, b, 3, padding=1, stride=2 if i in (2, 4, 6) else 1), nn.SiLU()]
+        self.input_hint_block = nn.Sequential(*layers, zero_(nn.Conv2d(256, cfg.model_channels, 3, padding=1)))
+        self.zero_convs = nn.ModuleList(nn.Sequential(zero_(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
+        self.middle_block_out = nn.Sequential(zero_(nn.Conv2d(self.middle_channels, self.middle_channels, 1)))
+
+    def forward(self, x, hint, emb, context, context_mask=None) -> list[torch.Tensor]:
+        """x (B, 4, h, w) noisy latents, hint (B, 3, 8h, 8w) in [0, 1] -> the 13 residuals."""
+        skips, middle = self.encode(x, emb, context, context_mask, hint=self.input_hint_block(hint))
+        return [zc(s) for zc, s in zip(self.zero_convs, skips)] + [self.middle_block_out(middle)]
+
+
 class RetriUNet(nn.Module):
     """The SD U-Net with RetriNet: `forward(x, timesteps, context, refs, ref_context, ref_mask=None) -> eps`.
 
@@ -110,15 +136,30 @@ class RetriUNet(nn.Module):
     embedding; ref_mask (B, K) bool, True = a real reference (None = all real).
     """
 
-    def __init__(self, unet: UNet, heads: int = 8, lock: str = "none"):
+    def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", mode: str = "retrinet"):
         super().__init__()
-        self.unet = unet
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.unet, self.mode = unet, mode
         p = next(unet.parameters())
-        self.retrinet = RetriNet(unet.config, heads).to(p.device, p.dtype)
+        if mode == "retrinet":
+            self.retrinet = RetriNet(unet.config, heads).to(p.device, p.dtype)
+        else:
+            self.control = ControlNet(unet.config).to(p.device, p.dtype)
         # E starts as a copy of SD's encoder half (ControlNet's tool_add_control).
-        own = self.retrinet.encoder.state_dict()
-        self.retrinet.encoder.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own})
+        own = self.encoder.state_dict()
+        self.encoder.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own}, strict=False)
         self.set_lock(lock)
+
+    @property
+    def encoder(self) -> UNetEncoder:
+        """E: RetriNet's retrieval encoder, or the ControlNet in controlnet mode."""
+        return self.retrinet.encoder if self.mode == "retrinet" else self.control
+
+    @property
+    def added(self) -> nn.Module:
+        """Everything RetriNet / ControlNet adds to SD."""
+        return self.retrinet if self.mode == "retrinet" else self.control
 
     def set_lock(self, lock: str) -> None:
         """Choose what trains (paper Sec. 5.2): "none" = E, cross-attention, zero convs and SD's
@@ -128,68 +169,103 @@ class RetriUNet(nn.Module):
             raise ValueError(f"lock must be one of {LOCKS}, got {lock!r}")
         self.lock = lock
         self.unet.requires_grad_(False)
-        self.retrinet.requires_grad_(True)
+        self.added.requires_grad_(True)
         if lock == "none":
             self.unet.output_blocks.requires_grad_(True)
             self.unet.out.requires_grad_(True)
         if lock == "both":
-            self.retrinet.encoder.requires_grad_(False)
+            self.encoder.requires_grad_(False)
+            if self.mode == "controlnet":  # its zero convs stay trainable
+                self.control.zero_convs.requires_grad_(True)
+                self.control.middle_block_out.requires_grad_(True)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, x, timesteps, context, refs, ref_context, ref_mask=None, features=None):
-        """`features`: E's output from `retrinet.encode_refs`, when computed once for several calls."""
-        if refs.dim() != 5 or refs.shape[0] != x.shape[0] or refs.shape[2] != self.unet.config.in_channels:
-            raise ValueError(f"refs must be ({x.shape[0]}, K, {self.unet.config.in_channels}, h, w), got "
-                             f"{tuple(refs.shape)}")
-        if ref_context.shape[:2] != refs.shape[:2]:
-            raise ValueError(f"ref_context must be {tuple(refs.shape[:2])} + (L, D), got {tuple(ref_context.shape)}")
-        if ref_mask is not None and ref_mask.shape != refs.shape[:2]:
-            raise ValueError(f"ref_mask must have shape {tuple(refs.shape[:2])}, got {tuple(ref_mask.shape)}")
+    def forward(self, x, timesteps, context, refs, ref_context=None, ref_mask=None, features=None):
+        """`features`: E's output from `retrinet.encode_refs`, when computed once for several calls.
+        In controlnet mode `refs` is (B, 1, 3, 8h, 8w): one hint image in [0, 1] per sample, and
+        `ref_context`, `ref_mask` and `features` are unused."""
+        self._check(x, refs, ref_context, ref_mask)
         unet = self.unet
         emb = unet.embed_time(timesteps, x.shape[0], x.dtype)
         with torch.no_grad():  # SD's encoder half is frozen: keep no graph for it
             skips, middle = unet.encode(x, emb.detach(), context)
-        if features is None:
-            features = self.retrinet.encode_refs(refs, timesteps, ref_context)
-        res = self.retrinet.residuals(skips, middle, features, ref_mask)
+        if self.mode == "retrinet":
+            if features is None:
+                features = self.retrinet.encode_refs(refs, timesteps, ref_context)
+            res = self.retrinet.residuals(skips, middle, features, ref_mask)
+        else:
+            res = self.control(x, refs[:, 0], self.control.embed_time(timesteps, x.shape[0], x.dtype), context)
         return unet.decode(skips, middle, emb, context, skip_residuals=res[:-1], middle_residual=res[-1])
+
+    def _check(self, x, refs, ref_context, ref_mask):
+        b = x.shape[0]
+        if self.mode == "controlnet":
+            if refs.dim() != 5 or refs.shape[:3] != (b, 1, 3):
+                raise ValueError(f"controlnet mode takes refs of shape ({b}, 1, 3, H, W), got {tuple(refs.shape)}")
+            return
+        c = self.unet.config.in_channels
+        if refs.dim() != 5 or refs.shape[0] != b or refs.shape[2] != c:
+            raise ValueError(f"refs must be ({b}, K, {c}, h, w), got {tuple(refs.shape)}")
+        if ref_context is None or ref_context.shape[:2] != refs.shape[:2]:
+            raise ValueError(f"ref_context must be {tuple(refs.shape[:2])} + (L, D), got "
+                             f"{None if ref_context is None else tuple(ref_context.shape)}")
+        if ref_mask is not None and ref_mask.shape != refs.shape[:2]:
+            raise ValueError(f"ref_mask must have shape {tuple(refs.shape[:2])}, got {tuple(ref_mask.shape)}")
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """RetriNet's weights (and SD's decoder when it was trained, lock "none") as safetensors,
-        with the base U-Net config, heads and lock in the metadata."""
-        state = {f"retrinet.{k}": v for k, v in self.retrinet.state_dict().items()}
+        """What RetriNet / ControlNet adds (and SD's decoder when it was trained, lock "none") as
+        safetensors, with the base U-Net config, mode, heads and lock in the metadata. ControlNet
+        weights keep the official `control_model.` keys."""
+        state = {f"{self._prefix}{k}": v for k, v in self.added.state_dict().items()}
         if self.lock == "none":
             state.update({f"unet.{k}": v for k, v in self.unet.state_dict().items()
                           if k.startswith(("output_blocks.", "out."))})
-        meta = {"format": "pt", "retrinet": json.dumps({"unet_config": self.unet.config.__dict__, "heads": self.retrinet.heads,
-                                                        "lock": self.lock}, default=list)}
+        info = {"unet_config": self.unet.config.__dict__, "mode": self.mode, "lock": self.lock,
+                "heads": self.retrinet.heads if self.mode == "retrinet" else None}
+        meta = {"format": "pt", "retrinet": json.dumps(info, default=list)}
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
+
+    @property
+    def _prefix(self) -> str:
+        return "retrinet." if self.mode == "retrinet" else "control_model."
 
     @classmethod
     def load(cls, path: str | Path, unet: UNet) -> "RetriUNet":
         """A RetriUNet around `unet` with the weights saved by `save`; the file's base config must be
-        `unet`'s."""
+        `unet`'s. Official ControlNet files (no metadata) go through `load_controlnet`."""
         meta = read_metadata(path)
         expected = json.loads(json.dumps(unet.config.__dict__, default=list))
         if meta["unet_config"] != expected:
             diff = {k: (meta["unet_config"].get(k), v) for k, v in expected.items() if meta["unet_config"].get(k) != v}
             raise CheckpointError(f"{path}: RetriNet made for another base U-Net; differing config fields "
                                   f"(file, model): {diff}")
-        model = cls(unet, heads=meta["heads"], lock=meta["lock"])
-        state = read_tensors(path, device=next(unet.parameters()).device, dtype=next(unet.parameters()).dtype)
-        retri = {k[len("retrinet."):]: v for k, v in state.items() if k.startswith("retrinet.")}
+        model = cls(unet, heads=meta.get("heads") or 8, lock=meta["lock"], mode=meta.get("mode", "retrinet"))
+        p = next(unet.parameters())
+        state = read_tensors(path, device=p.device, dtype=p.dtype)
+        added = {k[len(model._prefix):]: v for k, v in state.items() if k.startswith(model._prefix)}
+        load_strict(model.added, added, source=str(path), layout=f"retrinet ({model.mode})")
         decoder = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        missing, unexpected = model.retrinet.load_state_dict(retri, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: RetriNet weights do not fit: missing {missing[:5]}, unexpected "
-                                  f"{unexpected[:5]}")
         if decoder:
-            missing, unexpected = model.unet.load_state_dict(decoder, strict=False)
-            if unexpected or any(k.startswith(("output_blocks.", "out.")) for k in missing):
-                raise CheckpointError(f"{path}: decoder weights do not fit the U-Net: unexpected {unexpected[:5]}")
+            own = {k: v for k, v in model.unet.state_dict().items() if k.startswith(("output_blocks.", "out."))}
+            if decoder.keys() != own.keys() or any(decoder[k].shape != own[k].shape for k in own):
+                raise CheckpointError(f"{path}: the trained decoder weights do not fit the U-Net")
+            model.unet.load_state_dict(decoder, strict=False)
+        return model
+
+    @classmethod
+    def load_controlnet(cls, path: str | Path, unet: UNet, lock: str = "none") -> "RetriUNet":
+        """The ControlNet baseline from an official ControlNet file: `control_model.*` (1.1 files, or
+        1.0 files holding the whole ControlLDM, whose other keys are ignored) or prefix-less keys."""
+        keys = list(read_header(path))
+        prefix = "control_model." if any(k.startswith("control_model.") for k in keys) else ""
+        model = cls(unet, lock=lock, mode="controlnet")
+        p = next(unet.parameters())
+        names = [k for k in keys if k.startswith(prefix)] if prefix else keys
+        state = read_tensors(path, names, rename=lambda k: k[len(prefix):], device=p.device, dtype=p.dtype)
+        load_strict(model.control, state, source=str(path), layout=detect_layout(keys))
         return model
 
 

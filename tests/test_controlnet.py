@@ -1,0 +1,114 @@
+"""ControlNet baseline mode: official keys, parity with diffusers' ControlNetModel + UNet2DConditionModel,
+official files load strictly."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, create_unet_diffusers_config_from_ldm
+from diffusers.models.attention_processor import AttnProcessor
+from safetensors.torch import save_file
+
+from common.weights import CheckpointError
+from helpers import randomize_, rel_err
+from retrinet import ControlNet, RetriUNet
+from test_unet import diffusers_twin, ldm_yaml
+from unet import UNet, UNetConfig
+
+OFFICIAL = json.loads((Path(__file__).parent / "data" / "ldm_controlnet_keys.json").read_text())
+CFG = UNetConfig(model_channels=32, attention_resolutions=(2, 4), num_res_blocks=2, channel_mult=(1, 2, 3, 4),
+                 num_heads=4, context_dim=48)
+
+
+def test_sd15_controlnet_keys_equal_the_official_file():
+    with torch.device("meta"):
+        control = ControlNet(UNetConfig.sd15())
+    assert sum(p.numel() for p in control.parameters()) == 361_279_120
+    assert {"control_model." + k: list(v.shape) for k, v in control.state_dict().items()} == OFFICIAL
+
+
+def _model(seed=0):
+    unet = randomize_(UNet(CFG).eval(), seed=seed)
+    model = RetriUNet(unet, mode="controlnet").eval()
+    return model
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 24, 40, generator=g)
+    hint = torch.rand(3, 1, 3, 192, 320, generator=g)
+    return x, torch.tensor([3, 500, 999]), torch.randn(3, 7, 48, generator=g), hint
+
+
+def test_untrained_controlnet_reproduces_sd():
+    model = _model()
+    x, t, ctx, hint = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx, hint), model.unet(x, t, ctx))
+
+
+def test_parity_with_diffusers():
+    model = _model()
+    randomize_(model.control, seed=2)
+    ckpt = {"control_model." + k: v for k, v in model.control.state_dict().items()}
+    # diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm calls the U-Net config builder
+    # without its checkpoint argument (TypeError), so take the same fields from that builder here.
+    unet_cfg = create_unet_diffusers_config_from_ldm(ldm_yaml(CFG), {"model.diffusion_model." + k: v for k, v in
+                                                                     model.unet.state_dict().items()})
+    fields = ["in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+              "attention_head_dim", "use_linear_projection", "transformer_layers_per_block"]
+    dcfg = {"conditioning_channels": 3, **{k: unet_cfg[k] for k in fields}}
+    ref_control = ControlNetModel(**dcfg).eval()
+    ref_control.load_state_dict(convert_controlnet_checkpoint(ckpt, dcfg), strict=True)
+    ref_control.set_attn_processor(AttnProcessor())
+    ref_unet = diffusers_twin(model.unet, CFG)
+    x, t, ctx, hint = _inputs()
+    with torch.no_grad():
+        down, mid = ref_control(x, t, ctx, controlnet_cond=hint[:, 0], return_dict=False)
+        want = ref_unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        got = model(x, t, ctx, hint)
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(got, model.unet(x, t, ctx)) > 1e-2  # the control matters
+
+
+def test_official_files_load(tmp_path):
+    model = _model()
+    randomize_(model.control, seed=3)
+    state = {k: v.contiguous() for k, v in model.control.state_dict().items()}
+    x, t, ctx, hint = _inputs()
+    with torch.no_grad():
+        want = model(x, t, ctx, hint)
+    # ControlNet 1.1 layout: control_model.* only
+    save_file({"control_model." + k: v for k, v in state.items()}, tmp_path / "v11.safetensors")
+    # ControlNet 1.0 layout: the whole ControlLDM, with SD's own weights beside
+    full = {"control_model." + k: v for k, v in state.items()}
+    full.update({"model.diffusion_model.out.2.bias": torch.zeros(4), "first_stage_model.quant_conv.bias": torch.zeros(8)})
+    save_file(full, tmp_path / "v10.safetensors")
+    save_file(state, tmp_path / "bare.safetensors")  # prefix-less, as some third-party files
+    for name in ("v11", "v10", "bare"):
+        loaded = RetriUNet.load_controlnet(tmp_path / f"{name}.safetensors", model.unet).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x, t, ctx, hint), want), name
+    partial = {"control_model." + k: v for k, v in state.items() if not k.startswith("middle_block_out")}
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"partial.safetensors: detected layout 'controlnet'.*2 missing keys: "
+                                              r"middle_block_out.0.weight"):
+        RetriUNet.load_controlnet(tmp_path / "partial.safetensors", model.unet)
+
+
+def test_save_load_and_locks(tmp_path):
+    model = _model()
+    randomize_(model.control, seed=4)
+    model.save(tmp_path / "cn.safetensors")
+    loaded = RetriUNet.load(tmp_path / "cn.safetensors", model.unet).eval()
+    assert loaded.mode == "controlnet"
+    x, t, ctx, hint = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, ctx, hint), model(x, t, ctx, hint))
+    model.set_lock("both")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("control.zero_convs", "control.middle_block_out"))}
+    with pytest.raises(ValueError, match=r"controlnet mode takes refs of shape \(3, 1, 3, H, W\)"):
+        model(x, t, ctx, hint[:, :, :1])
