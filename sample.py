@@ -2,10 +2,14 @@
 
     python sample.py --weights v1-5-pruned-emaonly.safetensors --prompt "a watercolor fox" --num 4
 
+    python sample.py --weights sd15.safetensors --retrinet retrinet.safetensors \
+        --refs face.png outfit.png --concepts face clothes --prompt "1girl, on a beach"
+
 `--weights` is SD v1.5's single file or a diffusers folder. Images go to `--out` as PNGs named
 `<prompt>-s<seed>-<index>.png`, each carrying its full generation parameters as JSON in the PNG
 text chunk "parameters". The same arguments give byte-identical files on the same machine.
-Reference-conditioned sampling (`--refs`) arrives with RetriNet (issue 5).
+With `--retrinet` (a RetriNet checkpoint, or an official ControlNet file for the baseline) the
+references condition the generation; `--guidance` then drops the text and keeps the references.
 """
 from __future__ import annotations
 
@@ -39,6 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", default=None, help="JSON with unet / vae / text_encoder configs for weights that "
                                                    "are not SD v1.5's shape (diffusers folders carry their own)")
     ap.add_argument("--out", default="outputs", help="output folder (created if missing)")
+    refs = ap.add_argument_group("references (RetriNet)")
+    refs.add_argument("--retrinet", default=None, help="RetriNet checkpoint, or an official ControlNet file")
+    refs.add_argument("--refs", nargs="+", default=[], help="reference images of one identity")
+    refs.add_argument("--concepts", nargs="+", default=[], choices=["figure", "face", "clothes"],
+                      help="concept of each reference (one for all, or one per reference; default figure)")
+    refs.add_argument("--mode", choices=["retrinet", "controlnet"], default=None,
+                      help="what --retrinet holds (default: read from the file)")
+    refs.add_argument("--ref-size", type=int, default=384, help="references are fitted and padded to this square")
     return ap.parse_args(argv)
 
 
@@ -66,6 +78,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     if args.precision == "fp16" and args.device == "cpu":
         problems.append("--precision fp16 is not supported on the CPU; use fp32 or bf16")
+    problems += check_references(args)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +87,76 @@ def check_args(args: argparse.Namespace) -> list[str]:
     except OSError as e:
         problems.append(f"--out {out}: cannot write there ({e.strerror or e})")
     return problems
+
+
+def check_references(args: argparse.Namespace) -> list[str]:
+    """Problems with the reference arguments, found without building a model: files, concept
+    counts, and whether the checkpoint was made for this base U-Net."""
+    if not args.retrinet and not args.refs:
+        return []
+    if not args.retrinet or not args.refs:
+        return ["--retrinet and --refs go together"]
+    problems = []
+    from retrinet.sampling import open_reference
+    for path in args.refs:
+        try:
+            open_reference(path)
+        except ValueError as e:
+            problems.append(str(e))
+    n_concepts, n_refs = len(args.concepts), len(args.refs)
+    if n_concepts > n_refs:
+        problems.append(f"--concepts: {n_concepts} concepts for {n_refs} references")
+    elif n_concepts not in (0, 1, n_refs):
+        problems.append(f"--concepts: give one concept for all references or one per reference, got {n_concepts} "
+                        f"for {n_refs}")
+    if args.ref_size <= 0 or args.ref_size % 8:
+        problems.append(f"--ref-size {args.ref_size} must be a positive multiple of 8")
+    ckpt = Path(args.retrinet)
+    if not ckpt.is_file():
+        return problems + [f"--retrinet {ckpt}: no such file"]
+    try:
+        problems += checkpoint_problems(args, ckpt)
+    except (OSError, ValueError) as e:
+        problems.append(f"--retrinet {ckpt}: {e}")
+    return problems
+
+
+def checkpoint_problems(args: argparse.Namespace, ckpt: Path) -> list[str]:
+    """Compare the checkpoint's base U-Net with the one --weights / --config will build."""
+    import torch
+    from common.weights import read_header
+    from diffusion.sd15 import load_configs
+    from retrinet import RetriUNet, read_metadata
+    from retrinet.model import base_config_mismatch
+    from unet import UNet, UNetConfig, config_from_diffusers
+
+    cfg = load_configs(args.config)["unet"] if args.config else None
+    unet_json = Path(args.weights) / "unet" / "config.json"
+    if cfg is None and unet_json.is_file():
+        cfg = config_from_diffusers(json.loads(unet_json.read_text()))
+    cfg = cfg or UNetConfig.sd15()
+    header = read_header(ckpt)
+    if any(k.startswith("retrinet.") or k.startswith("unet.") for k in header) or args.mode == "retrinet":
+        meta = read_metadata(ckpt)
+        mode = meta.get("mode", "retrinet")
+        diff = base_config_mismatch(meta, cfg)
+        if diff:
+            return [f"--retrinet {ckpt}: made for another base U-Net (differs in {', '.join(sorted(diff))})"]
+    else:
+        mode = "controlnet"
+        with torch.device("meta"):
+            control = RetriUNet(UNet(cfg), mode="controlnet").control
+        own = {k: list(v.shape) for k, v in control.state_dict().items()}
+        prefix = "control_model." if any(k.startswith("control_model.") for k in header) else ""
+        theirs = {k[len(prefix):]: v["shape"] for k, v in header.items() if k.startswith(prefix)}
+        if any(theirs.get(k) != shape for k, shape in own.items()):
+            return [f"--retrinet {ckpt}: not a ControlNet for this base U-Net (keys or shapes differ)"]
+    if args.mode and args.mode != mode:
+        return [f"--mode {args.mode}: {ckpt} holds a {mode} checkpoint"]
+    args.mode = mode
+    if mode == "controlnet" and len(args.refs) != 1:
+        return [f"--refs: the ControlNet baseline takes one reference image, got {len(args.refs)}"]
+    return []
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -111,15 +194,32 @@ def main(argv=None) -> int:
         print(f"\rsampling {args.num} image(s) with {args.sampler}: step {step}/{total}", end=end, file=sys.stderr,
               flush=True)
 
+    denoiser = None
+    if args.retrinet:
+        from retrinet import RetriUNet
+        from retrinet.sampling import ReferenceDenoiser, open_reference
+        try:
+            model = (RetriUNet.load(args.retrinet, sd.unet) if args.mode == "retrinet"
+                     else RetriUNet.load_controlnet(args.retrinet, sd.unet)).eval()
+        except (CheckpointError, ValueError) as e:
+            print(f"sample.py: error: {e}", file=sys.stderr)
+            return 1
+        concepts = args.concepts * len(args.refs) if len(args.concepts) == 1 else args.concepts or ["figure"] * len(args.refs)
+        args.concepts = concepts
+        denoiser = ReferenceDenoiser(sd, model, [open_reference(p) for p in args.refs], concepts, args.ref_size,
+                                     args.height, args.width)
     images = text_to_image(sd, args.prompt, args.negative_prompt, num=args.num, steps=args.steps,
                            guidance=args.guidance, sampler=args.sampler, seed=args.seed, height=args.height,
-                           width=args.width, progress=progress)
+                           width=args.width, progress=progress, denoiser=denoiser)
     out = Path(args.out)
     for i, image in enumerate(images):
         params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       guidance=args.guidance, sampler=args.sampler, seed=args.seed, index=i, num=args.num,
                       height=args.height, width=args.width, weights=Path(args.weights).name,
                       precision=args.precision, device=args.device)
+        if args.retrinet:
+            params.update(retrinet=Path(args.retrinet).name, mode=args.mode, refs=[Path(p).name for p in args.refs],
+                          concepts=args.concepts, ref_size=args.ref_size)
         info = PngInfo()
         info.add_text("parameters", json.dumps(params, ensure_ascii=False))
         path = out / f"{slug(args.prompt)}-s{args.seed}-{i}.png"

@@ -86,8 +86,13 @@ def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
 @torch.no_grad()
 def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, num: int = 1, steps: int = 50,
                   guidance: float = 7.0, sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512,
-                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                  progress: Callable[[int, int], None] | None = None,
+                  denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
     """Generate `num` images for one prompt; returns uint8 (num, H, W, 3) on the CPU.
+
+    `denoiser(x, t, context) -> eps` replaces the plain U-Net (RetriNet's reference-conditioned one,
+    for instance); it receives the whole guidance batch at once.
 
     Matches diffusers' StableDiffusionPipeline called with a CPU `torch.Generator().manual_seed(seed)`:
     the initial latents (num, 4, H/8, W/8) are drawn at once from that generator, and stochastic
@@ -102,16 +107,17 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
     if use_cfg:
         context = torch.cat([sd.encode_prompts([negative_prompt] * num), context])
 
+    model = denoiser or sd.unet
     s = make_sampler(sampler, steps)
     shape = (num, sd.unet.config.in_channels, height // f, width // f)
     x = torch.randn(shape, generator=generator, dtype=sd.dtype).to(sd.device) * s.init_noise_sigma
     for i, t in enumerate(s.timesteps):
         model_in = s.scale_model_input(x, i)
         if use_cfg:
-            eps_uncond, eps_text = sd.unet(torch.cat([model_in] * 2), t.to(sd.device), context).chunk(2)
+            eps_uncond, eps_text = model(torch.cat([model_in] * 2), t.to(sd.device), context).chunk(2)
             eps = eps_uncond + guidance * (eps_text - eps_uncond)
         else:
-            eps = sd.unet(model_in, t.to(sd.device), context)
+            eps = model(model_in, t.to(sd.device), context)
         x = s.step(eps, i, x, generator=generator)
         if progress:
             progress(i + 1, len(s.timesteps))

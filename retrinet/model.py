@@ -237,9 +237,8 @@ class RetriUNet(nn.Module):
         """A RetriUNet around `unet` with the weights saved by `save`; the file's base config must be
         `unet`'s. Official ControlNet files (no metadata) go through `load_controlnet`."""
         meta = read_metadata(path)
-        expected = json.loads(json.dumps(unet.config.__dict__, default=list))
-        if meta["unet_config"] != expected:
-            diff = {k: (meta["unet_config"].get(k), v) for k, v in expected.items() if meta["unet_config"].get(k) != v}
+        diff = base_config_mismatch(meta, unet.config)
+        if diff:
             raise CheckpointError(f"{path}: RetriNet made for another base U-Net; differing config fields "
                                   f"(file, model): {diff}")
         model = cls(unet, heads=meta.get("heads") or 8, lock=meta["lock"], mode=meta.get("mode", "retrinet"))
@@ -267,6 +266,13 @@ class RetriUNet(nn.Module):
         state = read_tensors(path, names, rename=lambda k: k[len(prefix):], device=p.device, dtype=p.dtype)
         load_strict(model.control, state, source=str(path), layout=detect_layout(keys))
         return model
+
+
+def base_config_mismatch(meta: dict, cfg: UNetConfig) -> dict:
+    """{field: (checkpoint's value, cfg's value)} where a RetriNet checkpoint's base U-Net config
+    (from `read_metadata`) differs from `cfg`; empty when they agree."""
+    expected = json.loads(json.dumps(cfg.__dict__, default=list))
+    return {k: (meta["unet_config"].get(k), v) for k, v in expected.items() if meta["unet_config"].get(k) != v}
 
 
 def read_metadata(path: str | Path) -> dict:

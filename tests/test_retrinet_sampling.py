@@ -1,0 +1,122 @@
+"""Sampling with references: an untrained RetriNet samples exactly what SD samples; sample.py --refs
+end to end; reference errors caught before any model is built."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.sd15 import text_to_image
+from helpers import randomize_
+from retrinet import RetriUNet
+from retrinet.sampling import ReferenceDenoiser, fit_and_pad
+from test_sd15 import UNET, run_sample, small_sd, weights  # noqa: F401  (fixtures)
+from unet import UNet, UNetConfig
+
+
+def _ref_images(tmp_path, n=2):
+    paths = []
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 64), (64, 48), (50, 50)][:n]):
+        p = tmp_path / f"ref{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_fit_and_pad():
+    im = Image.new("RGB", (40, 20), (0, 0, 0))
+    x = fit_and_pad(im, 16)
+    assert x.shape == (3, 16, 16) and x.min() == -1 and x.max() == 1
+    assert (x[:, 4:12] == -1).all() and (x[:, :4] == 1).all() and (x[:, 12:] == 1).all()  # centred, white pad
+
+
+def test_untrained_retrinet_samples_exactly_like_sd(small_sd, tmp_path):
+    sd, _ = small_sd
+    model = RetriUNet(sd.unet).eval()
+    refs = [Image.open(p).convert("RGB") for p in _ref_images(tmp_path)]
+    denoiser = ReferenceDenoiser(sd, model, refs, ["face", "clothes"], 32, 64, 48)
+    kw = dict(num=2, steps=3, guidance=7.0, sampler="ddim", seed=4, height=64, width=48)
+    assert torch.equal(text_to_image(sd, "a fox", denoiser=denoiser, **kw), text_to_image(sd, "a fox", **kw))
+    randomize_(model.retrinet.zero_convs, seed=5)
+    randomize_(model.retrinet.cross_attn, seed=6)
+    assert not torch.equal(text_to_image(sd, "a fox", denoiser=denoiser, **kw), text_to_image(sd, "a fox", **kw))
+
+
+@pytest.fixture(scope="module")
+def retrinet_ckpt(small_sd, tmp_path_factory):
+    sd, _ = small_sd
+    model = RetriUNet(UNet(UNET).eval(), lock="decoder")
+    model.unet.load_state_dict(sd.unet.state_dict())
+    randomize_(model.retrinet.zero_convs, seed=7)
+    randomize_(model.retrinet.cross_attn, seed=8)
+    path = tmp_path_factory.mktemp("retri") / "retrinet.safetensors"
+    model.save(path)
+    return path
+
+
+def test_sample_cli_with_references(weights, retrinet_ckpt, tmp_path):
+    folder, _, _ = weights
+    refs = _ref_images(tmp_path)
+    args = ["--weights", folder, "--retrinet", retrinet_ckpt, "--refs", *refs, "--concepts", "face", "clothes",
+            "--ref-size", 32, "--prompt", "a fox", "--steps", 3, "--height", 64, "--width", 48, "--device", "cpu"]
+    r1 = run_sample(*args, "--out", tmp_path / "a")
+    assert r1.returncode == 0, r1.stderr
+    out = tmp_path / "a" / "a_fox-s0-0.png"
+    meta = json.loads(Image.open(out).text["parameters"])
+    assert meta["retrinet"] == "retrinet.safetensors" and meta["mode"] == "retrinet"
+    assert meta["refs"] == ["ref0.png", "ref1.png"] and meta["concepts"] == ["face", "clothes"]
+    r2 = run_sample(*args, "--out", tmp_path / "b")
+    assert r2.returncode == 0 and (tmp_path / "b" / out.name).read_bytes() == out.read_bytes()
+    plain = run_sample("--weights", folder, "--prompt", "a fox", "--steps", 3, "--height", 64, "--width", 48,
+                       "--device", "cpu", "--out", tmp_path / "c")
+    assert plain.returncode == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "c" / out.name)))
+
+
+def test_reference_errors_before_building_models(weights, retrinet_ckpt, tmp_path):
+    folder, _, _ = weights
+    refs = _ref_images(tmp_path)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png")
+    other = RetriUNet(UNet(UNetConfig(model_channels=32, attention_resolutions=(1,), num_res_blocks=1,
+                                      channel_mult=(1, 2), num_heads=2, context_dim=32)))
+    other.save(tmp_path / "other.safetensors")
+    base = ["--weights", folder, "--prompt", "x", "--out", tmp_path / "o", "--device", "cpu"]
+    cases = [
+        (["--retrinet", retrinet_ckpt, "--refs", tmp_path / "missing.png"], "reference .*missing.png: cannot read"),
+        (["--retrinet", retrinet_ckpt, "--refs", junk], "reference .*junk.png: cannot read it as an image"),
+        (["--retrinet", retrinet_ckpt, "--refs", refs[0], "--concepts", "face", "clothes"],
+         "--concepts: 2 concepts for 1 references"),
+        (["--retrinet", tmp_path / "other.safetensors", "--refs", *refs],
+         "made for another base U-Net \\(differs in attention_resolutions"),
+        (["--refs", *refs], "--retrinet and --refs go together"),
+        (["--retrinet", retrinet_ckpt, "--refs", *refs, "--mode", "controlnet"],
+         "--mode controlnet: .*holds a retrinet checkpoint"),
+    ]
+    import re
+    for extra, message in cases:
+        r = run_sample(*base, *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert re.search(message, r.stderr), (extra, r.stderr)
+        assert "loaded" not in r.stderr  # no model was built
+
+
+def test_sample_cli_controlnet_baseline(weights, small_sd, tmp_path):
+    """An official-layout ControlNet file (control_model.*, no metadata) as the baseline."""
+    from safetensors.torch import save_file
+    sd, _ = small_sd
+    model = RetriUNet(UNet(UNET), mode="controlnet")
+    randomize_(model.control, seed=9)
+    save_file({"control_model." + k: v.contiguous() for k, v in model.control.state_dict().items()},
+              tmp_path / "control_sd15_small.safetensors")
+    folder, _, _ = weights
+    refs = _ref_images(tmp_path)
+    base = ["--weights", folder, "--retrinet", tmp_path / "control_sd15_small.safetensors", "--prompt", "a fox",
+            "--steps", 2, "--height", 64, "--width", 48, "--device", "cpu", "--out", tmp_path / "o"]
+    r = run_sample(*base, "--refs", refs[0])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Image.open(tmp_path / "o" / "a_fox-s0-0.png").text["parameters"])["mode"] == "controlnet"
+    r = run_sample(*base, "--refs", *refs)
+    assert r.returncode == 2 and "the ControlNet baseline takes one reference image, got 2" in r.stderr
