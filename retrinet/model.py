@@ -80,6 +80,7 @@ class RetriNet(nn.Module):
         self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads) for c in sites)
         self.zero_convs = nn.ModuleList(zero_(nn.Conv2d(c, c, 1)) for c in sites)
         self.heads = heads
+        self.recorder = None  # an AttentionRecorder while one is active: told each call's timesteps
 
     def encode_refs(self, refs: torch.Tensor, timesteps, ref_context: torch.Tensor) -> list[torch.Tensor]:
         """E's 13 features of each reference: refs (B, K, C, h, w), ref_context (B, K, L, D) ->
@@ -88,6 +89,8 @@ class RetriNet(nn.Module):
         b, k = refs.shape[:2]
         t = torch.as_tensor(timesteps, device=refs.device)
         t = (t.expand(b) if t.dim() == 0 else t).repeat_interleave(k)  # each reference at its target's t
+        if self.recorder is not None:
+            self.recorder.timesteps_now = t.view(b, k)[:, 0]
         emb = self.encoder.embed_time(t, b * k, refs.dtype)
         skips, middle = self.encoder.encode(refs.flatten(0, 1), emb, ref_context.flatten(0, 1))
         return [f.unflatten(0, (b, k)) for f in skips + [middle]]

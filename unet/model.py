@@ -129,6 +129,8 @@ class CrossAttention(nn.Module):
         # Runtime options (UNet.set_attention): fp32 softmax, query chunking.
         self.upcast = False
         self.chunk_size: int | None = None
+        # Optional `recorder(module, q, k)` (e.g. retrinet.AttentionRecorder); None on the normal path.
+        self.recorder = None
 
     def forward(self, x, context=None, context_mask=None):
         context = x if context is None else context
@@ -136,6 +138,8 @@ class CrossAttention(nn.Module):
         q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = attention(q, k, v, key_padding_mask=context_mask, upcast=self.upcast, chunk_size=self.chunk_size)
+        if self.recorder is not None:
+            self.recorder(self, q, k)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
