@@ -10,6 +10,7 @@
 text chunk "parameters". The same arguments give byte-identical files on the same machine.
 With `--retrinet` (a RetriNet checkpoint, or an official ControlNet file for the baseline) the
 references condition the generation; `--guidance` then drops the text and keeps the references.
+`--ref-guidance` adds a separate reference scale for RetriNets trained with reference dropout.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     refs.add_argument("--mode", choices=["retrinet", "controlnet"], default=None,
                       help="what --retrinet holds (default: read from the file)")
     refs.add_argument("--ref-size", type=int, default=384, help="references are fitted and padded to this square")
+    refs.add_argument("--ref-guidance", type=float, default=None,
+                      help="separate reference guidance scale (RetriNet trained with reference dropout)")
     return ap.parse_args(argv)
 
 
@@ -93,7 +96,7 @@ def check_references(args: argparse.Namespace) -> list[str]:
     """Problems with the reference arguments, found without building a model: files, concept
     counts, and whether the checkpoint was made for this base U-Net."""
     if not args.retrinet and not args.refs:
-        return []
+        return ["--ref-guidance needs --retrinet and --refs"] if args.ref_guidance is not None else []
     if not args.retrinet or not args.refs:
         return ["--retrinet and --refs go together"]
     problems = []
@@ -139,6 +142,8 @@ def checkpoint_problems(args: argparse.Namespace, ckpt: Path) -> list[str]:
     if any(k.startswith("retrinet.") or k.startswith("unet.") for k in header) or args.mode == "retrinet":
         meta = read_metadata(ckpt)
         mode = meta.get("mode", "retrinet")
+        if args.ref_guidance is not None and not meta.get("null_reference"):
+            return [f"--ref-guidance: {ckpt} has no null reference (it was not trained with reference dropout)"]
         diff = base_config_mismatch(meta, cfg)
         if diff:
             return [f"--retrinet {ckpt}: made for another base U-Net (differs in {', '.join(sorted(diff))})"]
@@ -154,6 +159,8 @@ def checkpoint_problems(args: argparse.Namespace, ckpt: Path) -> list[str]:
     if args.mode and args.mode != mode:
         return [f"--mode {args.mode}: {ckpt} holds a {mode} checkpoint"]
     args.mode = mode
+    if mode == "controlnet" and args.ref_guidance is not None:
+        return ["--ref-guidance needs a RetriNet with a null reference, not a ControlNet"]
     if mode == "controlnet" and len(args.refs) != 1:
         return [f"--refs: the ControlNet baseline takes one reference image, got {len(args.refs)}"]
     return []
@@ -210,7 +217,7 @@ def main(argv=None) -> int:
                                      args.height, args.width)
     images = text_to_image(sd, args.prompt, args.negative_prompt, num=args.num, steps=args.steps,
                            guidance=args.guidance, sampler=args.sampler, seed=args.seed, height=args.height,
-                           width=args.width, progress=progress, denoiser=denoiser)
+                           width=args.width, progress=progress, denoiser=denoiser, ref_guidance=args.ref_guidance)
     out = Path(args.out)
     for i, image in enumerate(images):
         params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
                       precision=args.precision, device=args.device)
         if args.retrinet:
             params.update(retrinet=Path(args.retrinet).name, mode=args.mode, refs=[Path(p).name for p in args.refs],
-                          concepts=args.concepts, ref_size=args.ref_size)
+                          concepts=args.concepts, ref_size=args.ref_size, ref_guidance=args.ref_guidance)
         info = PngInfo()
         info.add_text("parameters", json.dumps(params, ensure_ascii=False))
         path = out / f"{slug(args.prompt)}-s{args.seed}-{i}.png"

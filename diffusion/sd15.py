@@ -87,12 +87,15 @@ def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
 def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, num: int = 1, steps: int = 50,
                   guidance: float = 7.0, sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512,
                   progress: Callable[[int, int], None] | None = None,
-                  denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  denoiser: Callable[..., torch.Tensor] | None = None, ref_guidance: float | None = None
                   ) -> torch.Tensor:
     """Generate `num` images for one prompt; returns uint8 (num, H, W, 3) on the CPU.
 
     `denoiser(x, t, context) -> eps` replaces the plain U-Net (RetriNet's reference-conditioned one,
-    for instance); it receives the whole guidance batch at once.
+    for instance); it receives the whole guidance batch at once. `ref_guidance` (a denoiser that
+    takes `ref_drop`, i.e. a RetriNet with a null reference) guides references and text separately,
+    InstructPix2Pix-style, in one batched call over (null refs, no text), (refs, no text), (refs, text):
+        eps = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
 
     Matches diffusers' StableDiffusionPipeline called with a CPU `torch.Generator().manual_seed(seed)`:
     the initial latents (num, 4, H/8, W/8) are drawn at once from that generator, and stochastic
@@ -102,10 +105,12 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
     generator = torch.Generator().manual_seed(seed)
-    use_cfg = guidance > 1.0
+    use_cfg = guidance > 1.0 or ref_guidance is not None
     context = sd.encode_prompts([prompt] * num)
     if use_cfg:
-        context = torch.cat([sd.encode_prompts([negative_prompt] * num), context])
+        negative = sd.encode_prompts([negative_prompt] * num)
+        context = torch.cat([negative, context] if ref_guidance is None else [negative, negative, context])
+        drop = torch.tensor([True] * num + [False] * 2 * num, device=sd.device)
 
     model = denoiser or sd.unet
     s = make_sampler(sampler, steps)
@@ -113,7 +118,10 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
     x = torch.randn(shape, generator=generator, dtype=sd.dtype).to(sd.device) * s.init_noise_sigma
     for i, t in enumerate(s.timesteps):
         model_in = s.scale_model_input(x, i)
-        if use_cfg:
+        if ref_guidance is not None:
+            e_null, e_ref, e_full = model(torch.cat([model_in] * 3), t.to(sd.device), context, ref_drop=drop).chunk(3)
+            eps = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
+        elif use_cfg:
             eps_uncond, eps_text = model(torch.cat([model_in] * 2), t.to(sd.device), context).chunk(2)
             eps = eps_uncond + guidance * (eps_text - eps_uncond)
         else:

@@ -37,11 +37,14 @@ class ReferenceCrossAttention(nn.Module):
     reference at the same site (Sec. 5.1). Both sides are group-normalised; multi-head; the one
     attention function with a key-padding mask for absent references."""
 
-    def __init__(self, channels: int, heads: int):
+    def __init__(self, channels: int, heads: int, null_reference: bool = False):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by {heads} heads")
         self.heads = heads
+        # The learned null reference (DESIGN.md section 5, `ref_drop`): one normalised key/value
+        # token that replaces all references of a sample whose references were dropped.
+        self.null = nn.Parameter(torch.randn(channels) * channels ** -0.5) if null_reference else None
         self.norm_q = nn.GroupNorm(32, channels, eps=1e-6)
         self.norm_kv = nn.GroupNorm(32, channels, eps=1e-6)
         self.to_q = nn.Linear(channels, channels, bias=False)
@@ -49,8 +52,10 @@ class ReferenceCrossAttention(nn.Module):
         self.to_v = nn.Linear(channels, channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, h: torch.Tensor, f: torch.Tensor, ref_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """h (B, C, H, W); f (B, K, C, h, w); ref_mask (B, K) bool, True = real reference -> (B, C, H, W)."""
+    def forward(self, h: torch.Tensor, f: torch.Tensor, ref_mask: torch.Tensor | None = None,
+                ref_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, C, H, W); f (B, K, C, h, w); ref_mask (B, K) bool, True = real reference; ref_drop
+        (B,) bool, True = use the null reference instead of this sample's references -> (B, C, H, W)."""
         b, c, hh, ww = h.shape
         k = f.shape[1]
         tokens = f.shape[-2] * f.shape[-1]
@@ -60,9 +65,15 @@ class ReferenceCrossAttention(nn.Module):
         mask = None
         if ref_mask is not None:
             mask = ref_mask[:, :, None].expand(b, k, tokens).reshape(b, k * tokens)
-            # A sample with no reference at all would have no key to attend to (NaN): let it attend to
-            # all; RetriNet.residuals discards its result.
-            mask = mask | ~ref_mask.any(dim=1, keepdim=True)
+        if self.null is not None:  # the null token is the last key, visible only to dropped samples
+            drop = torch.zeros(b, dtype=torch.bool, device=h.device) if ref_drop is None else ref_drop
+            kv = torch.cat([kv, self.null.to(kv.dtype).expand(b, 1, c)], dim=1)
+            keep = torch.ones(b, k * tokens, dtype=torch.bool, device=h.device) if mask is None else mask
+            mask = torch.cat([keep & ~drop[:, None], drop[:, None]], dim=1)
+        if mask is not None:
+            # A sample with no visible key at all would get NaN: let it attend to all; RetriNet.residuals
+            # discards its result.
+            mask = mask | ~mask.any(dim=1, keepdim=True)
         heads = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
         out = attention(heads(self.to_q(q)), heads(self.to_k(kv)), heads(self.to_v(kv)), key_padding_mask=mask)
         out = self.to_out(out.transpose(1, 2).reshape(b, hh * ww, c))
@@ -73,11 +84,12 @@ class RetriNet(nn.Module):
     """E plus the 13 cross-attention layers and zero convs. Keys: `encoder.*` (E, named as SD's
     encoder half), `cross_attn.{0..12}.*`, `zero_convs.{0..12}.*` (site 12 = the middle block)."""
 
-    def __init__(self, unet_cfg: UNetConfig, heads: int = 8):
+    def __init__(self, unet_cfg: UNetConfig, heads: int = 8, null_reference: bool = False):
         super().__init__()
         self.encoder = UNetEncoder(unet_cfg)
         sites = self.encoder.skip_channels + [self.encoder.middle_channels]
-        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads) for c in sites)
+        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference) for c in sites)
+        self.null_reference = null_reference
         self.zero_convs = nn.ModuleList(zero_(nn.Conv2d(c, c, 1)) for c in sites)
         self.heads = heads
         self.recorder = None  # an AttentionRecorder while one is active: told each call's timesteps
@@ -96,13 +108,15 @@ class RetriNet(nn.Module):
         return [f.unflatten(0, (b, k)) for f in skips + [middle]]
 
     def residuals(self, skips: list[torch.Tensor], middle: torch.Tensor, features: list[torch.Tensor],
-                  ref_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """zero_conv_i(CrossAttn_i(h_i, f_i)) for the 13 sites; zero for samples without references."""
-        res = [zc(attn(h, f, ref_mask)) for h, f, attn, zc in
+                  ref_mask: torch.Tensor | None = None, ref_drop: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """zero_conv_i(CrossAttn_i(h_i, f_i)) for the 13 sites; zero for samples without references
+        (unless they use the null reference)."""
+        res = [zc(attn(h, f, ref_mask, ref_drop)) for h, f, attn, zc in
                zip(skips + [middle], features, self.cross_attn, self.zero_convs)]
-        if ref_mask is not None and not ref_mask.any(dim=1).all():
-            keep = ref_mask.any(dim=1).to(res[0].dtype)[:, None, None, None]
-            res = [r * keep for r in res]
+        if ref_mask is not None:
+            keep = ref_mask.any(dim=1) if ref_drop is None else ref_mask.any(dim=1) | ref_drop
+            if not keep.all():
+                res = [r * keep.to(r.dtype)[:, None, None, None] for r in res]
         return res
 
 
@@ -139,14 +153,15 @@ class RetriUNet(nn.Module):
     embedding; ref_mask (B, K) bool, True = a real reference (None = all real).
     """
 
-    def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", mode: str = "retrinet"):
+    def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", mode: str = "retrinet",
+                 null_reference: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.unet, self.mode = unet, mode
         p = next(unet.parameters())
         if mode == "retrinet":
-            self.retrinet = RetriNet(unet.config, heads).to(p.device, p.dtype)
+            self.retrinet = RetriNet(unet.config, heads, null_reference).to(p.device, p.dtype)
         else:
             self.control = ControlNet(unet.config).to(p.device, p.dtype)
         # E starts as a copy of SD's encoder half (ControlNet's tool_add_control).
@@ -185,11 +200,13 @@ class RetriUNet(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, x, timesteps, context, refs, ref_context=None, ref_mask=None, features=None):
+    def forward(self, x, timesteps, context, refs, ref_context=None, ref_mask=None, features=None, ref_drop=None):
         """`features`: E's output from `retrinet.encode_refs`, when computed once for several calls.
+        `ref_drop` (B,) bool replaces a sample's references by the learned null reference (models
+        built with `null_reference=True`, trained with reference dropout).
         In controlnet mode `refs` is (B, 1, 3, 8h, 8w): one hint image in [0, 1] per sample, and
         `ref_context`, `ref_mask` and `features` are unused."""
-        self._check(x, refs, ref_context, ref_mask)
+        self._check(x, refs, ref_context, ref_mask, ref_drop)
         unet = self.unet
         emb = unet.embed_time(timesteps, x.shape[0], x.dtype)
         with torch.no_grad():  # SD's encoder half is frozen: keep no graph for it
@@ -197,12 +214,12 @@ class RetriUNet(nn.Module):
         if self.mode == "retrinet":
             if features is None:
                 features = self.retrinet.encode_refs(refs, timesteps, ref_context)
-            res = self.retrinet.residuals(skips, middle, features, ref_mask)
+            res = self.retrinet.residuals(skips, middle, features, ref_mask, ref_drop)
         else:
             res = self.control(x, refs[:, 0], self.control.embed_time(timesteps, x.shape[0], x.dtype), context)
         return unet.decode(skips, middle, emb, context, skip_residuals=res[:-1], middle_residual=res[-1])
 
-    def _check(self, x, refs, ref_context, ref_mask):
+    def _check(self, x, refs, ref_context, ref_mask, ref_drop=None):
         b = x.shape[0]
         if self.mode == "controlnet":
             if refs.dim() != 5 or refs.shape[:3] != (b, 1, 3):
@@ -216,6 +233,8 @@ class RetriUNet(nn.Module):
                              f"{None if ref_context is None else tuple(ref_context.shape)}")
         if ref_mask is not None and ref_mask.shape != refs.shape[:2]:
             raise ValueError(f"ref_mask must have shape {tuple(refs.shape[:2])}, got {tuple(ref_mask.shape)}")
+        if ref_drop is not None and not self.retrinet.null_reference:
+            raise ValueError("ref_drop needs a RetriNet built with null_reference=True (trained with reference dropout)")
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -226,8 +245,10 @@ class RetriUNet(nn.Module):
         if self.lock == "none":
             state.update({f"unet.{k}": v for k, v in self.unet.state_dict().items()
                           if k.startswith(("output_blocks.", "out."))})
+        retri = self.mode == "retrinet"
         info = {"unet_config": self.unet.config.__dict__, "mode": self.mode, "lock": self.lock,
-                "heads": self.retrinet.heads if self.mode == "retrinet" else None}
+                "heads": self.retrinet.heads if retri else None,
+                "null_reference": self.retrinet.null_reference if retri else False}
         meta = {"format": "pt", "retrinet": json.dumps(info, default=list)}
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
 
@@ -244,7 +265,8 @@ class RetriUNet(nn.Module):
         if diff:
             raise CheckpointError(f"{path}: RetriNet made for another base U-Net; differing config fields "
                                   f"(file, model): {diff}")
-        model = cls(unet, heads=meta.get("heads") or 8, lock=meta["lock"], mode=meta.get("mode", "retrinet"))
+        model = cls(unet, heads=meta.get("heads") or 8, lock=meta["lock"], mode=meta.get("mode", "retrinet"),
+                    null_reference=meta.get("null_reference", False))
         p = next(unet.parameters())
         state = read_tensors(path, device=p.device, dtype=p.dtype)
         added = {k[len(model._prefix):]: v for k, v in state.items() if k.startswith(model._prefix)}

@@ -70,11 +70,14 @@ class ReferenceDenoiser:
                 self.ref_context = sd.encode_prompts(concepts)[None]                 # (1, K, 77, 768)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 ref_drop: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
         refs = self.refs.expand(b, *self.refs.shape[1:])
         if self.model.mode == "controlnet":
+            if ref_drop is not None:
+                raise ValueError("reference guidance needs a RetriNet with a null reference, not a ControlNet")
             return self.model(x, t, context, refs)
         features = [f.expand(b, *f.shape[1:]) for f in self.model.retrinet.encode_refs(self.refs, t, self.ref_context)]
         ref_context = self.ref_context.expand(b, *self.ref_context.shape[1:])
-        return self.model(x, t, context, refs, ref_context, features=features)
+        return self.model(x, t, context, refs, ref_context, features=features, ref_drop=ref_drop)

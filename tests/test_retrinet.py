@@ -153,3 +153,30 @@ def test_bad_inputs():
         model(x, t, ctx, refs, ref_ctx, torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="lock must be one of"):
         RetriUNet(_unet(), lock="all")
+
+
+def test_null_reference():
+    """With ref_drop a sample sees only the learned null reference: its own references no longer
+    matter, the other samples are untouched, and the null token round-trips through save/load."""
+    model = _trained_like(RetriUNet(_unet(), null_reference=True).eval())
+    x, t, ctx, refs, ref_ctx = _inputs()
+    drop = torch.tensor([True, False])
+    with torch.no_grad():
+        plain = model(x, t, ctx, refs, ref_ctx)
+        dropped = model(x, t, ctx, refs, ref_ctx, ref_drop=drop)
+        other_refs = model(x, t, ctx, torch.randn_like(refs), ref_ctx, ref_drop=drop)
+        assert rel_err(dropped[1:], plain[1:]) <= 1e-5
+        assert rel_err(other_refs[:1], dropped[:1]) <= 1e-5
+        assert rel_err(dropped[:1], plain[:1]) > 1e-3
+        assert rel_err(dropped[:1], model.unet(x[:1], t[:1], ctx[:1])) > 1e-3  # the null is learned, not "no residual"
+    model.eval()
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        model.save(Path(d) / "n.safetensors")
+        loaded = RetriUNet.load(Path(d) / "n.safetensors", model.unet).eval()
+    assert loaded.retrinet.null_reference
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, ctx, refs, ref_ctx, ref_drop=drop), dropped)
+    with pytest.raises(ValueError, match="ref_drop needs a RetriNet built with null_reference=True"):
+        RetriUNet(_unet())(x, t, ctx, refs, ref_ctx, ref_drop=drop)

@@ -120,3 +120,25 @@ def test_sample_cli_controlnet_baseline(weights, small_sd, tmp_path):
     assert json.loads(Image.open(tmp_path / "o" / "a_fox-s0-0.png").text["parameters"])["mode"] == "controlnet"
     r = run_sample(*base, "--refs", *refs)
     assert r.returncode == 2 and "the ControlNet baseline takes one reference image, got 2" in r.stderr
+
+
+def test_reference_guidance(small_sd, tmp_path):
+    """ref_guidance 1 reduces to the ordinary guidance (text dropped, references kept); other
+    values change the images."""
+    sd, _ = small_sd
+    model = RetriUNet(sd.unet, null_reference=True).eval()
+    randomize_(model.retrinet.zero_convs, seed=10)
+    randomize_(model.retrinet.cross_attn, seed=11)
+    refs = [Image.open(p).convert("RGB") for p in _ref_images(tmp_path)]
+    denoiser = ReferenceDenoiser(sd, model, refs, ["face", "clothes"], 32, 64, 48)
+    kw = dict(num=2, steps=3, guidance=5.0, sampler="ddim", seed=4, height=64, width=48, denoiser=denoiser)
+    two_way = text_to_image(sd, "a fox", **kw).int()
+    assert (text_to_image(sd, "a fox", ref_guidance=1.0, **kw).int() - two_way).abs().max() <= 1
+    assert (text_to_image(sd, "a fox", ref_guidance=3.0, **kw).int() - two_way).abs().max() > 1
+
+
+def test_ref_guidance_needs_a_null_reference(weights, retrinet_ckpt, tmp_path):
+    folder, _, _ = weights
+    r = run_sample("--weights", folder, "--prompt", "x", "--out", tmp_path, "--device", "cpu", "--retrinet",
+                   retrinet_ckpt, "--refs", *_ref_images(tmp_path), "--ref-guidance", "3")
+    assert r.returncode == 2 and "has no null reference (it was not trained with reference dropout)" in r.stderr
