@@ -52,23 +52,28 @@ class ReferenceCrossAttention(nn.Module):
         self.to_v = nn.Linear(channels, channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, h: torch.Tensor, f: torch.Tensor, ref_mask: torch.Tensor | None = None,
+    def forward(self, h: torch.Tensor, f, ref_mask: torch.Tensor | None = None,
                 ref_drop: torch.Tensor | None = None) -> torch.Tensor:
-        """h (B, C, H, W); f (B, K, C, h, w); ref_mask (B, K) bool, True = real reference; ref_drop
-        (B,) bool, True = use the null reference instead of this sample's references -> (B, C, H, W)."""
+        """h (B, C, H, W); f (B, K, C, h, w), or a list of K (B, C, h_k, w_k) for references of
+        different sizes; ref_mask (B, K) bool, True = real reference; ref_drop (B,) bool, True = use
+        the null reference instead of this sample's references -> (B, C, H, W)."""
         b, c, hh, ww = h.shape
-        k = f.shape[1]
-        tokens = f.shape[-2] * f.shape[-1]
         q = self.norm_q(h).flatten(2).transpose(1, 2)                      # (B, HW, C)
-        kv = self.norm_kv(f.flatten(0, 1)).flatten(2).transpose(1, 2)      # (B*K, hw, C)
-        kv = kv.reshape(b, k * tokens, c)                                  # the K references as one set
+        if isinstance(f, torch.Tensor):  # K references of one size: one norm call for all
+            k, n = f.shape[1], f.shape[-2] * f.shape[-1]
+            kv = self.norm_kv(f.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, k * n, c)
+            counts = [n] * k
+        else:
+            kv = torch.cat([self.norm_kv(fk).flatten(2).transpose(1, 2) for fk in f], dim=1)
+            counts = [fk.shape[-2] * fk.shape[-1] for fk in f]
+        # kv: every token of the K references as one set (B, sum of h_k w_k, C)
         mask = None
         if ref_mask is not None:
-            mask = ref_mask[:, :, None].expand(b, k, tokens).reshape(b, k * tokens)
+            mask = ref_mask.repeat_interleave(torch.tensor(counts, device=h.device), dim=1)
         if self.null is not None:  # the null token is the last key, visible only to dropped samples
             drop = torch.zeros(b, dtype=torch.bool, device=h.device) if ref_drop is None else ref_drop
             kv = torch.cat([kv, self.null.to(kv.dtype).expand(b, 1, c)], dim=1)
-            keep = torch.ones(b, k * tokens, dtype=torch.bool, device=h.device) if mask is None else mask
+            keep = torch.ones(b, sum(counts), dtype=torch.bool, device=h.device) if mask is None else mask
             mask = torch.cat([keep & ~drop[:, None], drop[:, None]], dim=1)
         if mask is not None:
             # A sample with no visible key at all would get NaN: let it attend to all; RetriNet.residuals
@@ -94,10 +99,24 @@ class RetriNet(nn.Module):
         self.heads = heads
         self.recorder = None  # an AttentionRecorder while one is active: told each call's timesteps
 
-    def encode_refs(self, refs: torch.Tensor, timesteps, ref_context: torch.Tensor) -> list[torch.Tensor]:
+    def encode_refs(self, refs, timesteps, ref_context: torch.Tensor) -> list:
         """E's 13 features of each reference: refs (B, K, C, h, w), ref_context (B, K, L, D) ->
         [(B, K, C_i, h_i, w_i)] for the 12 input blocks and the middle block. Computed once per
-        sampling step, it serves the whole classifier-free-guidance batch."""
+        sampling step, it serves the whole classifier-free-guidance batch.
+
+        References of different sizes (a face crop beside a figure) come as a list of K tensors
+        (B, C, h_k, w_k); E then runs once per size and each site gets a list of K features."""
+        if not isinstance(refs, torch.Tensor):
+            by_size = {}
+            for i, r in enumerate(refs):
+                by_size.setdefault(tuple(r.shape[-2:]), []).append(i)
+            out = [[None] * len(refs) for _ in range(len(self.cross_attn))]
+            for idx in by_size.values():
+                feats = self.encode_refs(torch.stack([refs[i] for i in idx], 1), timesteps, ref_context[:, idx])
+                for site, f in enumerate(feats):
+                    for j, i in enumerate(idx):
+                        out[site][i] = f[:, j]
+            return out
         b, k = refs.shape[:2]
         t = torch.as_tensor(timesteps, device=refs.device)
         t = (t.expand(b) if t.dim() == 0 else t).repeat_interleave(k)  # each reference at its target's t
@@ -149,7 +168,8 @@ class RetriUNet(nn.Module):
     """The SD U-Net with RetriNet: `forward(x, timesteps, context, refs, ref_context, ref_mask=None) -> eps`.
 
     x (B, 4, H, W) noisy latents; context (B, L, D) prompt embeddings; refs (B, K, 4, h, w) reference
-    latents (any h, w, shared by the batch); ref_context (B, K, L, D) each reference's concept-text
+    latents (any h, w), or a list of K tensors (B, 4, h_k, w_k) when the references differ in size (a
+    face crop beside a figure); ref_context (B, K, L, D) each reference's concept-text
     embedding; ref_mask (B, K) bool, True = a real reference (None = all real).
     """
 
@@ -226,13 +246,20 @@ class RetriUNet(nn.Module):
                 raise ValueError(f"controlnet mode takes refs of shape ({b}, 1, 3, H, W), got {tuple(refs.shape)}")
             return
         c = self.unet.config.in_channels
-        if refs.dim() != 5 or refs.shape[0] != b or refs.shape[2] != c:
-            raise ValueError(f"refs must be ({b}, K, {c}, h, w), got {tuple(refs.shape)}")
-        if ref_context is None or ref_context.shape[:2] != refs.shape[:2]:
-            raise ValueError(f"ref_context must be {tuple(refs.shape[:2])} + (L, D), got "
+        if isinstance(refs, torch.Tensor):
+            if refs.dim() != 5 or refs.shape[0] != b or refs.shape[2] != c:
+                raise ValueError(f"refs must be ({b}, K, {c}, h, w), got {tuple(refs.shape)}")
+            k = refs.shape[1]
+        else:
+            bad = [tuple(r.shape) for r in refs if r.dim() != 4 or r.shape[:2] != (b, c)]
+            if not refs or bad:
+                raise ValueError(f"a list of refs must hold K >= 1 tensors ({b}, {c}, h_k, w_k), got {bad or 'none'}")
+            k = len(refs)
+        if ref_context is None or tuple(ref_context.shape[:2]) != (b, k):
+            raise ValueError(f"ref_context must be ({b}, {k}, L, D), got "
                              f"{None if ref_context is None else tuple(ref_context.shape)}")
-        if ref_mask is not None and ref_mask.shape != refs.shape[:2]:
-            raise ValueError(f"ref_mask must have shape {tuple(refs.shape[:2])}, got {tuple(ref_mask.shape)}")
+        if ref_mask is not None and tuple(ref_mask.shape) != (b, k):
+            raise ValueError(f"ref_mask must have shape {(b, k)}, got {tuple(ref_mask.shape)}")
         if ref_drop is not None and not self.retrinet.null_reference:
             raise ValueError("ref_drop needs a RetriNet built with null_reference=True (trained with reference dropout)")
 
