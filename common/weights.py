@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -163,3 +164,49 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *,
     # A module built on the meta device (no wasted random init) takes the file's tensors as they are.
     on_meta = any(t.is_meta for t in own.values())
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
+
+
+@dataclass(frozen=True)
+class SDPart:
+    """How one Stable Diffusion model (U-Net or VAE) is stored: its name in messages, its diffusers
+    subfolder, its prefix in the single file, its diffusers and bare-LDM layout names, and how to
+    build it, read a diffusers config.json and rename diffusers keys to LDM ones."""
+    name: str
+    subfolder: str
+    sd_prefix: str
+    diffusers_layout: str
+    ldm_layout: str
+    build: Callable
+    default_config: Callable
+    config_from_diffusers: Callable
+    diffusers_to_ldm: Callable
+
+
+def load_sd_part(part: SDPart, path: str | Path, cfg=None, *, device="cpu", dtype=torch.float32):
+    """Load `part` strictly from SD's single file, a diffusers folder (or its part's file) or a bare
+    LDM-named file. Config: `cfg`, else the diffusers `config.json` beside the file, else the default."""
+    file = resolve_file(path, [f"{part.subfolder}/diffusion_pytorch_model.safetensors",
+                               "diffusion_pytorch_model.safetensors"])
+    keys = list(read_header(file))
+    layout = detect_layout(keys)
+    if cfg is None:
+        found = config_beside(file) if layout == part.diffusers_layout else None
+        cfg = part.config_from_diffusers(found) if found else part.default_config()
+    if layout == "sd-single-file":
+        own = [k for k in keys if k.startswith(part.sd_prefix)]
+        if not own:
+            raise CheckpointError(f"{file}: detected layout 'sd-single-file' holds no {part.name} (no keys under "
+                                  f"'{part.sd_prefix}')")
+        state = read_tensors(file, own, rename=lambda k: k[len(part.sd_prefix):], device=device, dtype=dtype)
+    elif layout == part.diffusers_layout:
+        state = part.diffusers_to_ldm(read_tensors(file, device=device, dtype=dtype), cfg)
+    elif layout == part.ldm_layout:
+        state = read_tensors(file, device=device, dtype=dtype)
+    else:
+        raise CheckpointError(f"{file}: detected layout {layout!r} holds no {part.name} (expected SD's single file, a "
+                              f"diffusers {part.subfolder}/ file or LDM {part.name} keys; first keys: "
+                              f"{', '.join(keys[:3])})")
+    with torch.device("meta"):
+        model = part.build(cfg)
+    load_strict(model, state, source=str(file), layout=layout)
+    return model.to(device=device, dtype=dtype).eval()

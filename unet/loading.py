@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.weights import (CheckpointError, config_beside, detect_layout, load_strict, read_header, read_tensors,
-                            resolve_file)
+from common.weights import SDPart, load_sd_part
 from .model import UNet, UNetConfig
 
 SD_UNET_PREFIX = "model.diffusion_model."
@@ -89,32 +88,14 @@ def config_from_diffusers(d: dict) -> UNetConfig:
                       num_head_channels=num_head_channels)
 
 
+PART = SDPart(name="U-Net", subfolder="unet", sd_prefix=SD_UNET_PREFIX, diffusers_layout="diffusers-unet",
+              ldm_layout="ldm-unet", build=UNet, default_config=UNetConfig.sd15, config_from_diffusers=config_from_diffusers,
+              diffusers_to_ldm=diffusers_to_ldm)
+
+
 def load_unet(path: str | Path, cfg: UNetConfig | None = None, *, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> UNet:
-    """The U-Net from SD's single file (`model.diffusion_model.*`; EMA copies and everything else
-    ignored), a diffusers folder (`unet/diffusion_pytorch_model.safetensors`, or that file), or a
-    bare LDM-named file. Config: `cfg`, else the diffusers `config.json` beside the file, else SD v1.5.
-    """
-    file = resolve_file(path, ["unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors"])
-    keys = list(read_header(file))
-    layout = detect_layout(keys)
-    if cfg is None:
-        found = config_beside(file) if layout == "diffusers-unet" else None
-        cfg = config_from_diffusers(found) if found else UNetConfig.sd15()
-    if layout == "sd-single-file":
-        unet_keys = [k for k in keys if k.startswith(SD_UNET_PREFIX)]
-        if not unet_keys:
-            raise CheckpointError(f"{file}: detected layout 'sd-single-file' holds no U-Net (no keys under "
-                                  f"'{SD_UNET_PREFIX}')")
-        state = read_tensors(file, unet_keys, rename=lambda k: k[len(SD_UNET_PREFIX):], device=device, dtype=dtype)
-    elif layout == "diffusers-unet":
-        state = diffusers_to_ldm(read_tensors(file, device=device, dtype=dtype), cfg)
-    elif layout == "ldm-unet":
-        state = read_tensors(file, device=device, dtype=dtype)
-    else:
-        raise CheckpointError(f"{file}: detected layout {layout!r} holds no U-Net (expected SD's single file, a "
-                              f"diffusers unet/ file or LDM U-Net keys; first keys: {', '.join(keys[:3])})")
-    with torch.device("meta"):
-        model = UNet(cfg)
-    load_strict(model, state, source=str(file), layout=layout)
-    return model.to(device=device, dtype=dtype).eval()
+    """The U-Net from SD's single file (`model.diffusion_model.*`; everything else ignored), a diffusers folder
+    (`unet/diffusion_pytorch_model.safetensors`, or that file) or a bare LDM-named file. Config:
+    `cfg`, else the diffusers `config.json` beside the file, else SD v1.5's."""
+    return load_sd_part(PART, path, cfg, device=device, dtype=dtype)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common.weights import (CheckpointError, config_beside, detect_layout, load_strict, read_header, read_tensors,
-                            resolve_file)
+from common.weights import SDPart, load_sd_part
 from .model import AutoencoderKL, VAEConfig
 
 SD_VAE_PREFIX = "first_stage_model."
@@ -73,31 +72,14 @@ def config_from_diffusers(d: dict) -> VAEConfig:
                      num_res_blocks=d.get("layers_per_block", 2))
 
 
+PART = SDPart(name="VAE", subfolder="vae", sd_prefix=SD_VAE_PREFIX, diffusers_layout="diffusers-vae",
+              ldm_layout="ldm-vae", build=AutoencoderKL, default_config=VAEConfig.sd15, config_from_diffusers=config_from_diffusers,
+              diffusers_to_ldm=diffusers_to_ldm)
+
+
 def load_vae(path: str | Path, cfg: VAEConfig | None = None, *, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """The VAE from SD's single file (`first_stage_model.*`), a diffusers folder
+    """The VAE from SD's single file (`first_stage_model.*`; everything else ignored), a diffusers folder
     (`vae/diffusion_pytorch_model.safetensors`, or that file) or a bare LDM-named file. Config:
     `cfg`, else the diffusers `config.json` beside the file, else SD v1.5's."""
-    file = resolve_file(path, ["vae/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors"])
-    keys = list(read_header(file))
-    layout = detect_layout(keys)
-    if cfg is None:
-        found = config_beside(file) if layout == "diffusers-vae" else None
-        cfg = config_from_diffusers(found) if found else VAEConfig.sd15()
-    if layout == "sd-single-file":
-        vae_keys = [k for k in keys if k.startswith(SD_VAE_PREFIX)]
-        if not vae_keys:
-            raise CheckpointError(f"{file}: detected layout 'sd-single-file' holds no VAE (no keys under "
-                                  f"'{SD_VAE_PREFIX}')")
-        state = read_tensors(file, vae_keys, rename=lambda k: k[len(SD_VAE_PREFIX):], device=device, dtype=dtype)
-    elif layout == "diffusers-vae":
-        state = diffusers_to_ldm(read_tensors(file, device=device, dtype=dtype), cfg)
-    elif layout == "ldm-vae":
-        state = read_tensors(file, device=device, dtype=dtype)
-    else:
-        raise CheckpointError(f"{file}: detected layout {layout!r} holds no VAE (expected SD's single file, a "
-                              f"diffusers vae/ file or LDM VAE keys; first keys: {', '.join(keys[:3])})")
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    load_strict(model, state, source=str(file), layout=layout)
-    return model.to(device=device, dtype=dtype).eval()
+    return load_sd_part(PART, path, cfg, device=device, dtype=dtype)
