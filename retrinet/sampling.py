@@ -1,7 +1,7 @@
 """Sampling with references: preparing reference images and the reference-conditioned denoiser.
 
-References are fitted into a square of the training resolution (aspect kept) and padded with white,
-as the training loader prepares its images; the VAE encodes them once per run. At each sampling
+References are fitted into a square of the training resolution (aspect kept) and padded with white
+by `data.transforms.fit_and_pad`, the function the training loader uses; the VAE encodes them once per run. At each sampling
 step E's features are computed once, for one copy of the references, and shared by the whole
 classifier-free-guidance batch: `--guidance` drops the text and keeps the references (the paper's
 recipe drops only text).
@@ -14,6 +14,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from data.transforms import fit_and_pad
 from diffusion.sd15 import LATENT_SCALE, StableDiffusion
 from .model import RetriUNet
 
@@ -27,17 +28,6 @@ def open_reference(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"reference {path}: cannot read it as an image ({e})") from None
-
-
-def fit_and_pad(image: Image.Image, size: int, fill=(255, 255, 255)) -> torch.Tensor:
-    """Resize so the longer side is `size` (aspect kept), centre on a `size` x `size` canvas of
-    `fill`; returns float (3, size, size) in [-1, 1]."""
-    w, h = image.size
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
-    return TF.pil_to_tensor(canvas).float() / 127.5 - 1
 
 
 def resize_and_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -65,7 +55,7 @@ class ReferenceDenoiser:
                 self.refs = resize_and_crop(refs[0], height, width)[None, None].to(device, dtype)
                 self.ref_context = None
             else:
-                pixels = torch.stack([fit_and_pad(im, size) for im in refs]).to(device, dtype)
+                pixels = torch.stack([fit_and_pad(im, size)[0] for im in refs]).to(device, dtype)
                 self.refs = (sd.vae.encode(pixels).mean * LATENT_SCALE)[None]        # (1, K, 4, s/8, s/8)
                 self.ref_context = sd.encode_prompts(concepts)[None]                 # (1, K, 77, 768)
 

@@ -10,7 +10,8 @@ from PIL import Image
 from diffusion.sd15 import text_to_image
 from helpers import randomize_
 from retrinet import RetriUNet
-from retrinet.sampling import ReferenceDenoiser, fit_and_pad
+from data.transforms import fit_and_pad
+from retrinet.sampling import ReferenceDenoiser
 from test_sd15 import UNET, run_sample, small_sd, weights  # noqa: F401  (fixtures)
 from unet import UNet, UNetConfig
 
@@ -27,8 +28,9 @@ def _ref_images(tmp_path, n=2):
 
 def test_fit_and_pad():
     im = Image.new("RGB", (40, 20), (0, 0, 0))
-    x = fit_and_pad(im, 16)
+    x, valid = fit_and_pad(im, 16)
     assert x.shape == (3, 16, 16) and x.min() == -1 and x.max() == 1
+    assert torch.equal(valid[0], (x[0] == -1).float())
     assert (x[:, 4:12] == -1).all() and (x[:, :4] == 1).all() and (x[:, 12:] == 1).all()  # centred, white pad
 
 

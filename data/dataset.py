@@ -1,0 +1,186 @@
+"""The RetriBooru training loader (paper Sec. 5, Supp. A.4; DESIGN.md section 4).
+
+Per target it yields the image fitted into a `resolution` square and padded, its valid-area and
+face masks, its prompt (dropped to "" with probability `p_drop`), and K references with their
+concept texts:
+
+* setting "b" (default, leakage-free): references are other images of the same identity
+  (`similar`), never the target; missing ones are masked out, or repeated with `ref_repeat`;
+* setting "a" (the leaky baseline): the references are the target itself under independent
+  augmentations (flip, crop, brightness);
+* task "recon": whole references, concept "figure"; "compose": each reference independently the
+  face-box crop ("face") or the region below the face box ("clothes"), or the whole image as
+  "figure" when the face box reaches the bottom edge; "multi": recon or compose per batch, chosen by
+  `TaskBatchSampler`.
+
+Randomness comes from numpy generators seeded by (seed, epoch, index), so a sample does not depend
+on worker count or order. A sample that cannot be read is skipped (None, dropped by `collate`,
+counted in the batch's "skipped"), its id logged once per process; `strict=True` raises instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+from .transforms import box_mask, fit_and_pad
+
+log = logging.getLogger(__name__)
+SETTINGS, TASKS = ("a", "b"), ("recon", "compose", "multi")
+
+
+class RetriBooruDataset(Dataset):
+    def __init__(self, root: str | Path, resolution: int = 384, k: int = 2, setting: str = "b", task: str = "recon",
+                 p_drop: float = 0.5, ref_repeat: bool = False, seed: int = 0, strict: bool = False):
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if k < 1 or resolution < 8 or not 0 <= p_drop <= 1:
+            raise ValueError(f"need k >= 1, resolution >= 8, 0 <= p_drop <= 1; got {k}, {resolution}, {p_drop}")
+        self.root = Path(root)
+        path = self.root / "annotations.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (a RetriBooru root holds annotations.jsonl)")
+        self.records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); run python -m data.validate") from None
+        self.by_id = {r["id"]: r for r in self.records}
+        self.resolution, self.k, self.setting, self.task = resolution, k, setting, task
+        self.p_drop, self.ref_repeat, self.seed, self.strict = p_drop, ref_repeat, seed, strict
+        self.epoch = 0
+        self._logged: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call at the start of each epoch (as with DistributedSampler) to draw new references/crops."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item):
+        index, task = item if isinstance(item, tuple) else (item, self.task)
+        rec = self.records[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if task == "multi":  # without a TaskBatchSampler: decide per sample
+            task = "recon" if rng.random() < 0.5 else "compose"
+        try:
+            return self._sample(rec, rng, task)
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            if self.strict:
+                raise ValueError(f"sample {rec.get('id')}: {e}") from e
+            if rec.get("id") not in self._logged:
+                self._logged.add(rec.get("id"))
+                log.warning("skipping sample %s: %s", rec.get("id"), e)
+            return None
+
+    # -- one sample -------------------------------------------------------------------------------
+    def _open(self, rec) -> Image.Image:
+        with Image.open(self.root / rec["image"]) as im:
+            return im.convert("RGB")
+
+    def _sample(self, rec, rng, task) -> dict:
+        image = self._open(rec)
+        _check_box(rec, image)
+        pixels, valid = fit_and_pad(image, self.resolution)
+        face = box_mask(rec["face_bbox"], image.width, image.height, self.resolution)
+        prompt = "" if rng.random() < self.p_drop else rec["prompt"]
+
+        if self.setting == "a":
+            sources = [(rec, _augment(image, rng)) for _ in range(self.k)]
+        else:
+            pool = [s for s in rec["similar"] if s != rec["id"] and s in self.by_id]
+            if not pool:
+                raise ValueError("no usable similar ids")
+            n = self.k if self.ref_repeat else min(self.k, len(pool))
+            chosen = rng.choice(len(pool), size=n, replace=self.ref_repeat and len(pool) < self.k)
+            sources = [(self.by_id[pool[i]], None) for i in chosen]
+        refs = torch.full((self.k, 3, self.resolution, self.resolution), 1.0)  # masked slots: white
+        ref_mask = torch.zeros(self.k, dtype=torch.bool)
+        concepts, ref_ids = ["figure"] * self.k, [""] * self.k
+        for j, (ref_rec, ref_image) in enumerate(sources):
+            ref_ids[j] = ref_rec["id"]
+            ref_image = ref_image if ref_image is not None else self._open(ref_rec)
+            if task == "compose":
+                ref_image, concepts[j] = _concept_crop(ref_rec, ref_image, rng)
+            refs[j] = fit_and_pad(ref_image, self.resolution)[0]
+            ref_mask[j] = True
+        return {"id": rec["id"], "image": pixels, "valid": valid, "face": face, "prompt": prompt, "refs": refs,
+                "ref_mask": ref_mask, "concepts": concepts, "ref_ids": ref_ids, "task": task}
+
+
+def _check_box(rec, image) -> None:
+    x0, y0, x1, y1 = rec["face_bbox"]
+    if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
+        raise ValueError(f"face_bbox {rec['face_bbox']} does not fit the {image.width}x{image.height} image")
+
+
+def _concept_crop(rec, image, rng) -> tuple[Image.Image, str]:
+    """The face-box crop ("face") or everything below the face box ("clothes"), equal odds; the
+    whole image ("figure") when the box reaches the bottom edge (nothing below it)."""
+    _check_box(rec, image)
+    x0, y0, x1, y1 = rec["face_bbox"]
+    if y1 >= image.height:
+        return image, "figure"
+    if rng.random() < 0.5:
+        return image.crop((x0, y0, x1, y1)), "face"
+    return image.crop((0, y1, image.width, image.height)), "clothes"
+
+
+def _augment(image: Image.Image, rng) -> Image.Image:
+    """Setting a's independent augmentation: flip, a crop keeping 70-100% of each side, brightness."""
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    w, h = image.size
+    cw, ch = max(1, round(w * rng.uniform(0.7, 1.0))), max(1, round(h * rng.uniform(0.7, 1.0)))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = image.crop((left, top, left + cw, top + ch))
+    return ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack a batch; skipped samples (None) are dropped and counted in "skipped"."""
+    kept = [s for s in samples if s is not None]
+    batch = {"skipped": len(samples) - len(kept), "size": len(kept)}
+    if not kept:
+        return batch
+    for key in ("image", "valid", "face", "refs", "ref_mask"):
+        batch[key] = torch.stack([s[key] for s in kept])
+    for key in ("id", "prompt", "concepts", "ref_ids", "task"):
+        batch[key] = [s[key] for s in kept]
+    return batch
+
+
+class TaskBatchSampler(Sampler):
+    """Batches of (index, task) for task "multi": each batch is recon or compose with equal odds,
+    decided by (seed, epoch, batch number). Wraps any index sampler (e.g. DistributedSampler)."""
+
+    def __init__(self, sampler, batch_size: int, seed: int = 0, drop_last: bool = False):
+        self.sampler, self.batch_size, self.seed, self.drop_last = sampler, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        for b in range(len(self)):
+            chunk = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            task = "recon" if np.random.default_rng([self.seed, self.epoch, b]).random() < 0.5 else "compose"
+            yield [(i, task) for i in chunk]
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
