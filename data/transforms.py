@@ -25,7 +25,7 @@ def fit_and_pad(image: Image.Image, size: int, fill=WHITE) -> tuple[torch.Tensor
     image = image.convert("RGB")
     _, nw, nh, left, top = fit_box(image.width, image.height, size)
     canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(image.resize((nw, nh), Image.BICUBIC), (left, top))
+    canvas.paste(image.resize((nw, nh), Image.BILINEAR), (left, top))  # antialiased; bicubic costs 2x
     valid = torch.zeros(1, size, size)
     valid[:, top:top + nh, left:left + nw] = 1
     return TF.pil_to_tensor(canvas).float() / 127.5 - 1, valid

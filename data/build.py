@@ -1,0 +1,447 @@
+"""RetriBooru construction pipeline (paper Supp. A.1, Algorithm 1; DESIGN.md section 4).
+
+    python -m data.build --metadata M --vqa V --cloth-tags C --masks DIR --boxes B --out OUT
+                         [--root R] [--truth T] [--drop-tags a,b,...] [--question Q]
+
+Steps:
+  1. filter: drop images carrying an unwanted tag, images without exactly one character tag or
+     carrying a multi-character tag (2girls, multiple_boys, 6+girls, ...), without exactly one
+     artist tag, without a clothing tag (no general tag in the cloth vocabulary), whose image file
+     is missing, or without a VQA answer, a mask or a face box. Each dropped image is counted once,
+     under the first reason (in the order of ``DROP_REASONS``).
+  2. group the survivors by (character, artist);
+  3. inside a group, link two images when their VQA answers ("top two colours of the character's
+     clothes") match exactly after normalising case and whitespace; order matters, so
+     "red and white" != "white and red". Exact matching is transitive: the links form clusters;
+  4. keep the samples with >= 1 link (clusters of size >= 2); singletons are dropped ("no_link").
+
+Writes ``OUT/annotations.jsonl`` (one RetriBooru sample per line, sorted by id; image and mask
+paths are relative to OUT and point at the original files, nothing is copied), ``OUT/stats.json``
+and three PIL-drawn bar charts ``OUT/stats_references.png``, ``OUT/stats_characters.png`` and
+``OUT/stats_cloth_tags.png``. With ``truth`` (``{"id", "identity"}`` lines) the pair precision and
+recall of the "same cluster" relation over the kept samples are added to the stats.
+
+Runtime dependencies: the standard library, numpy (unused here) and PIL only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from itertools import combinations
+
+from PIL import Image, ImageDraw, ImageFont
+
+DEFAULT_DROP_TAGS = (
+    "monochrome", "greyscale", "grayscale", "sketch", "comic", "lineart", "text_only_page",
+    "4koma", "2koma", "manga", "partially_colored", "spot_color", "doujin_cover", "cover_page",
+    "character_sheet", "reference_sheet", "multiple_views", "translation_request", "no_humans",
+)
+
+# Explicit multi-character general tags; numbered forms (2girls, 6+boys, ...) are matched by regex.
+MULTI_CHARACTER_TAGS = frozenset({
+    "multiple_girls", "multiple_boys", "multiple_others", "multiple_persona", "everyone",
+    "crowd", "group_picture",
+})
+_MULTI_RE = re.compile(r"^(?:[2-9]|[1-9]\d+)\+?(?:girls|boys|others)$")
+
+DROP_REASONS = (
+    "unwanted_tag",        # carries one of drop_tags
+    "not_single_character",  # != 1 character tag, or a multi-character general tag
+    "not_single_artist",   # != 1 artist tag (needed for the (character, artist) grouping)
+    "no_cloth_tag",        # no general tag in the clothing vocabulary
+    "no_image",            # image file missing under root
+    "no_vqa_answer",       # no (or empty) answer
+    "no_mask",             # <masks>/<id>.png missing
+    "no_face_box",         # no face box line
+    "no_link",             # survived the filters but no other image shares its answer
+)
+
+TOP_CHARACTERS = 15   # paper Fig. 2: top-15 characters
+TOP_CLOTH_TAGS = 30   # paper Fig. 2: top-30 cloth tags
+
+_META_FIELDS = ("id", "image", "width", "height", "general_tags", "character_tags", "artist_tags")
+
+
+class BuildError(ValueError):
+    """Malformed or inconsistent input; the message names the file (and line where relevant)."""
+
+
+# ----------------------------------------------------------------------------------------- input
+
+def _read_jsonl(path, required):
+    """Yield (line_number, object) for each non-blank line; errors name file and line."""
+    path = os.fspath(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise BuildError(f"{path}: cannot open: {e.strerror or e}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BuildError(f"{path}:{n}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise BuildError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            missing = [k for k in required if k not in obj]
+            if missing:
+                raise BuildError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+            yield n, obj
+
+
+def _check_str_list(obj, key, path, n):
+    v = obj[key]
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise BuildError(f"{path}:{n}: field {key!r} must be a list of strings")
+    return v
+
+
+def _key(id_):
+    """Lookup key for an id, so 5 in one file matches "5" in another."""
+    return str(id_)
+
+
+def normalize_answer(answer: str) -> str:
+    """Case- and whitespace-normalised VQA answer (order and punctuation are kept)."""
+    return " ".join(str(answer).lower().split())
+
+
+def _is_multi_character(tag: str) -> bool:
+    return tag in MULTI_CHARACTER_TAGS or bool(_MULTI_RE.match(tag))
+
+
+def _sort_key(id_):
+    # Numbers sort numerically and before strings; strings sort lexically.
+    if isinstance(id_, (int, float)) and not isinstance(id_, bool):
+        return (0, id_, "")
+    return (1, 0, str(id_))
+
+
+def _load_metadata(path):
+    rows, seen = [], {}
+    for n, obj in _read_jsonl(path, _META_FIELDS):
+        for k in ("general_tags", "character_tags", "artist_tags"):
+            _check_str_list(obj, k, path, n)
+        for k in ("width", "height"):
+            if not isinstance(obj[k], int) or isinstance(obj[k], bool) or obj[k] <= 0:
+                raise BuildError(f"{path}:{n}: field {k!r} must be a positive integer")
+        if not isinstance(obj["image"], str) or not obj["image"]:
+            raise BuildError(f"{path}:{n}: field 'image' must be a non-empty string")
+        k = _key(obj["id"])
+        if k in seen:
+            raise BuildError(f"{path}:{n}: duplicate id {obj['id']!r} (first on line {seen[k]})")
+        seen[k] = n
+        rows.append(obj)
+    return rows
+
+
+def _load_vqa(path, question=None):
+    """id key -> normalised answer. With ``question`` only lines asking it (normalised) count."""
+    out, where = {}, {}
+    q = normalize_answer(question) if question is not None else None
+    for n, obj in _read_jsonl(path, ("id", "answer") if q is None else ("id", "question", "answer")):
+        if q is not None and normalize_answer(obj["question"]) != q:
+            continue
+        if not isinstance(obj["answer"], str):
+            raise BuildError(f"{path}:{n}: field 'answer' must be a string")
+        k, a = _key(obj["id"]), normalize_answer(obj["answer"])
+        if k in out and out[k] != a:
+            raise BuildError(f"{path}:{n}: conflicting second answer for id {obj['id']!r} "
+                             f"(first on line {where[k]}); pass question= to select one")
+        out[k], where[k] = a, n
+    return out
+
+
+def _load_boxes(path):
+    out = {}
+    for n, obj in _read_jsonl(path, ("id", "face_bbox")):
+        b = obj["face_bbox"]
+        if (not isinstance(b, list) or len(b) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise BuildError(f"{path}:{n}: field 'face_bbox' must be [x0, y0, x1, y1] numbers")
+        out[_key(obj["id"])] = b
+    return out
+
+
+def _load_truth(path):
+    return {_key(obj["id"]): obj["identity"] for _, obj in _read_jsonl(path, ("id", "identity"))}
+
+
+def _load_cloth_tags(path):
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {t.strip() for t in f if t.strip() and not t.lstrip().startswith("#")}
+    except OSError as e:
+        raise BuildError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------------------- build
+
+def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
+          drop_tags=DEFAULT_DROP_TAGS, question=None, log=None) -> dict:
+    """Run the construction pipeline; write annotations.jsonl, stats.json and the charts to ``out``.
+
+    ``root`` is the folder image paths in ``metadata`` are relative to (default: the parent of the
+    metadata file's folder). ``question`` optionally selects VQA lines by their question (default:
+    every line counts; two different answers for one id are an error). ``log`` is an optional
+    ``callable(str)`` for progress messages (the CLI passes a stderr printer). Returns the stats.
+    """
+    say = log or (lambda msg: None)
+    metadata, vqa, cloth_tags = os.fspath(metadata), os.fspath(vqa), os.fspath(cloth_tags)
+    masks, boxes, out = os.fspath(masks), os.fspath(boxes), os.fspath(out)
+    if root is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(metadata)))
+    root = os.fspath(root)
+    if not os.path.isdir(masks):
+        raise BuildError(f"{masks}: mask folder does not exist")
+    drop = set(drop_tags)
+
+    rows = _load_metadata(metadata)
+    answers = _load_vqa(vqa, question)
+    face_boxes = _load_boxes(boxes)
+    cloth_vocab = _load_cloth_tags(cloth_tags)
+    identities = _load_truth(truth) if truth is not None else None
+    say(f"loaded {len(rows)} metadata rows, {len(answers)} answers, {len(face_boxes)} face boxes, "
+        f"{len(cloth_vocab)} cloth tags")
+
+    dropped = {r: 0 for r in DROP_REASONS}
+    candidates = []
+    for row in rows:
+        k = _key(row["id"])
+        general = row["general_tags"]
+        image_path = os.path.join(root, row["image"])
+        mask_path = os.path.join(masks, f"{k}.png")
+        if any(t in drop for t in general + row["character_tags"] + row["artist_tags"]):
+            reason = "unwanted_tag"
+        elif len(row["character_tags"]) != 1 or any(_is_multi_character(t) for t in general):
+            reason = "not_single_character"
+        elif len(row["artist_tags"]) != 1:
+            reason = "not_single_artist"
+        elif not any(t in cloth_vocab for t in general):
+            reason = "no_cloth_tag"
+        elif not os.path.isfile(image_path):
+            reason = "no_image"
+        elif not answers.get(k):
+            reason = "no_vqa_answer"
+        elif not os.path.isfile(mask_path):
+            reason = "no_mask"
+        elif k not in face_boxes:
+            reason = "no_face_box"
+        else:
+            reason = None
+        if reason:
+            dropped[reason] += 1
+            continue
+        candidates.append((row, image_path, mask_path))
+    say(f"{len(candidates)} images pass the filters")
+
+    # Group by (character, artist), then by normalised answer: equal answers form one cluster.
+    clusters = defaultdict(list)
+    for row, image_path, mask_path in candidates:
+        clusters[(row["character_tags"][0], row["artist_tags"][0], answers[_key(row["id"])])].append(
+            (row, image_path, mask_path))
+
+    out_abs = os.path.abspath(out)
+    samples, kept_clusters = [], []
+    for members in clusters.values():
+        if len(members) < 2:
+            dropped["no_link"] += len(members)
+            continue
+        ids = [m[0]["id"] for m in members]
+        kept_clusters.append(ids)
+        for row, image_path, mask_path in members:
+            general = row["general_tags"]
+            samples.append({
+                "id": row["id"],
+                "image": os.path.relpath(os.path.abspath(image_path), out_abs),
+                "mask": os.path.relpath(os.path.abspath(mask_path), out_abs),
+                "width": row["width"],
+                "height": row["height"],
+                "character": row["character_tags"][0],
+                "artist": row["artist_tags"][0],
+                "tags": list(general),
+                "cloth_tags": [t for t in general if t in cloth_vocab],
+                "prompt": ", ".join(t.replace("_", " ") for t in general),
+                "face_bbox": face_boxes[_key(row["id"])],
+                "similar": sorted((i for i in ids if _key(i) != _key(row["id"])), key=_sort_key),
+            })
+    samples.sort(key=lambda s: _sort_key(s["id"]))
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "annotations.jsonl"), "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+    ref_hist = Counter(len(s["similar"]) for s in samples)
+    char_counts = Counter(s["character"] for s in samples)
+    cloth_counts = Counter(t for s in samples for t in s["cloth_tags"])
+    stats = {
+        "input_images": len(rows),
+        "dropped": dropped,
+        "dropped_total": sum(dropped.values()),
+        "passed_filters": len(candidates),
+        "kept_samples": len(samples),
+        "clusters": len(kept_clusters),
+        "character_artist_groups": len({(s["character"], s["artist"]) for s in samples}),
+        "references_histogram": {str(n): ref_hist[n] for n in sorted(ref_hist)},
+        "top_characters": [[c, n] for c, n in _top(char_counts, TOP_CHARACTERS)],
+        "top_cloth_tags": [[t, n] for t, n in _top(cloth_counts, TOP_CLOTH_TAGS)],
+    }
+    if identities is not None:
+        stats["truth"] = pair_precision_recall(kept_clusters, identities)
+
+    with open(os.path.join(out, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    bar_chart(os.path.join(out, "stats_references.png"),
+              "Same-identity references per sample",
+              [str(n) for n in sorted(ref_hist)], [ref_hist[n] for n in sorted(ref_hist)],
+              label_title="# references", value_title="# samples")
+    bar_chart(os.path.join(out, "stats_characters.png"),
+              f"Top {TOP_CHARACTERS} characters by sample count",
+              [c for c, _ in stats["top_characters"]], [n for _, n in stats["top_characters"]],
+              label_title="character", value_title="# samples")
+    bar_chart(os.path.join(out, "stats_cloth_tags.png"),
+              f"Top {TOP_CLOTH_TAGS} clothing tags",
+              [t for t, _ in stats["top_cloth_tags"]], [n for _, n in stats["top_cloth_tags"]],
+              label_title="cloth tag", value_title="# samples")
+    say(f"kept {len(samples)} samples in {len(kept_clusters)} clusters -> {out}")
+    return stats
+
+
+def _top(counter, k):
+    """Most common first; ties broken by name so the output is deterministic."""
+    return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+def pair_precision_recall(clusters, identities) -> dict:
+    """Pair precision / recall of "same cluster" vs "same ground-truth identity".
+
+    Over the kept samples that have a ground-truth identity (the others are counted in
+    ``missing_truth`` and take part in no pair). Predicted pairs: unordered pairs inside one
+    cluster; true pairs: unordered pairs of kept samples with equal identity. A ratio with a zero
+    denominator is reported as null.
+    """
+    members = [[_key(i) for i in c] for c in clusters]
+    known = [[k for k in c if k in identities] for c in members]
+    missing = sum(len(c) for c in members) - sum(len(c) for c in known)
+    predicted = tp = 0
+    for c in known:
+        for a, b in combinations(c, 2):
+            predicted += 1
+            tp += identities[a] == identities[b]
+    by_identity = Counter(identities[k] for c in known for k in c)
+    true_pairs = sum(n * (n - 1) // 2 for n in by_identity.values())
+    return {
+        "precision": tp / predicted if predicted else None,
+        "recall": tp / true_pairs if true_pairs else None,
+        "true_positive_pairs": tp,
+        "predicted_pairs": predicted,
+        "true_pairs": true_pairs,
+        "evaluated_samples": sum(len(c) for c in known),
+        "missing_truth": missing,
+    }
+
+
+# ----------------------------------------------------------------------------------------- charts
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)   # Pillow >= 10.1 (scalable when FreeType is there)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_size(draw, text, font):
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0, y1 - y0
+
+
+def bar_chart(path, title, labels, values, label_title="", value_title=""):
+    """Horizontal bar chart (PIL only): title, one labelled bar per row with its value at the end."""
+    font, title_font = _font(14), _font(18)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [str(s) for s in labels] or ["(none)"]
+    values = list(values) or [0]
+    row_h = max(22, _text_size(probe, "Ag", font)[1] + 10)
+    label_w = max([_text_size(probe, s, font)[0] for s in labels + [label_title]]) + 16
+    title_w, title_h = _text_size(probe, title, title_font)
+    bar_w, pad = 480, 16
+    value_w = _text_size(probe, str(max(values)), font)[0] + 12
+    top = pad + title_h + 16 + row_h   # title, then the column headers row
+    width = max(pad + label_w + bar_w + value_w + pad, title_w + 2 * pad)
+    height = top + row_h * len(labels) + pad
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text(((width - title_w) // 2, pad), title, fill="black", font=title_font)
+    header_y = pad + title_h + 16
+    d.text((pad, header_y), label_title, fill=(90, 90, 90), font=font)
+    d.text((pad + label_w, header_y), value_title, fill=(90, 90, 90), font=font)
+    vmax = max(max(values), 1)
+    x_axis = pad + label_w
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        y = top + i * row_h
+        tw, th = _text_size(d, lab, font)
+        d.text((x_axis - 8 - tw, y + (row_h - th) // 2 - 2), lab, fill="black", font=font)
+        w = int(round(bar_w * v / vmax))
+        if w > 0:
+            d.rectangle([x_axis, y + 3, x_axis + w, y + row_h - 4], fill=(66, 114, 196))
+        d.text((x_axis + w + 6, y + (row_h - th) // 2 - 2), str(v), fill="black", font=font)
+    d.line([x_axis, top, x_axis, top + row_h * len(labels)], fill="black", width=1)
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--metadata", required=True, help="metadata.jsonl")
+    p.add_argument("--vqa", required=True, help="vqa_answers.jsonl")
+    p.add_argument("--cloth-tags", required=True, help="clothing-tag vocabulary, one per line")
+    p.add_argument("--masks", required=True, help="folder of <id>.png segmentation masks")
+    p.add_argument("--boxes", required=True, help="face_boxes.jsonl")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--root", default=None,
+                   help="folder metadata image paths are relative to "
+                        "(default: parent of the metadata file's folder)")
+    p.add_argument("--truth", default=None, help="identities.jsonl ground truth (optional)")
+    p.add_argument("--drop-tags", default=None,
+                   help="comma-separated unwanted tags (default: %s)" % ",".join(DEFAULT_DROP_TAGS))
+    p.add_argument("--question", default=None,
+                   help="use only VQA lines asking this question (default: every line)")
+    args = p.parse_args(argv)
+    drop = (DEFAULT_DROP_TAGS if args.drop_tags is None
+            else tuple(t.strip() for t in args.drop_tags.split(",") if t.strip()))
+
+    def log(msg):
+        print(f"[build] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        stats = build(args.metadata, args.vqa, args.cloth_tags, args.masks, args.boxes, args.out,
+                      root=args.root, truth=args.truth, drop_tags=drop, question=args.question,
+                      log=log)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for reason, n in stats["dropped"].items():
+        if n:
+            log(f"dropped {n:6d}  {reason}")
+    if "truth" in stats:
+        t = stats["truth"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+        msg = (f"pair precision {fmt(t['precision'])}  recall {fmt(t['recall'])}  "
+               f"({t['true_positive_pairs']} tp / {t['predicted_pairs']} predicted / "
+               f"{t['true_pairs']} true pairs)")
+        print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
