@@ -87,7 +87,8 @@ class RetriBooruDataset(Dataset):
     # -- one sample -------------------------------------------------------------------------------
     def _open(self, rec) -> Image.Image:
         with Image.open(self.root / rec["image"]) as im:
-            return im.convert("RGB")
+            im.load()
+            return im if im.mode == "RGB" else im.convert("RGB")
 
     def _sample(self, rec, rng, task) -> dict:
         image = self._open(rec)

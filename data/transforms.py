@@ -6,8 +6,9 @@ Sampling prepares its references with the same function, so the model sees them 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from PIL import Image
 
 WHITE = (255, 255, 255)
@@ -21,14 +22,23 @@ def fit_box(width: int, height: int, size: int) -> tuple[float, int, int, int, i
 
 
 def fit_and_pad(image: Image.Image, size: int, fill=WHITE) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGB image -> (float (3, size, size) in [-1, 1], valid-area mask (1, size, size) in {0, 1})."""
-    image = image.convert("RGB")
+    """RGB image -> (float (3, size, size) in [-1, 1], valid-area mask (1, size, size) in {0, 1}).
+
+    Resizing is antialiased bilinear on the uint8 pixels through torch (its channels-last uint8 kernel
+    is several times faster than PIL's resize, which dominated the loader's time)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     _, nw, nh, left, top = fit_box(image.width, image.height, size)
-    canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(image.resize((nw, nh), Image.BILINEAR), (left, top))  # antialiased; bicubic costs 2x
+    hwc = torch.from_numpy(np.array(image))                       # (H, W, 3) uint8
+    pixels = hwc.permute(2, 0, 1)[None]                           # (1, 3, H, W), channels-last in memory
+    if (nh, nw) != (image.height, image.width):
+        pixels = F.interpolate(pixels, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    canvas = torch.empty(3, size, size, dtype=torch.uint8)
+    canvas[:] = torch.tensor(fill, dtype=torch.uint8)[:, None, None]
+    canvas[:, top:top + nh, left:left + nw] = pixels[0]
     valid = torch.zeros(1, size, size)
     valid[:, top:top + nh, left:left + nw] = 1
-    return TF.pil_to_tensor(canvas).float() / 127.5 - 1, valid
+    return canvas.float().div_(127.5).sub_(1), valid
 
 
 def box_mask(box, width: int, height: int, size: int) -> torch.Tensor:
