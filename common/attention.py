@@ -59,6 +59,18 @@ def _sdpa(q, k, v, mask, causal: bool, q_offset: int, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def set_attention_options(module: nn.Module, *, upcast: bool | None = None,
+                          chunk_size: int | None | str = "keep") -> None:
+    """Set fp32 upcast and/or query chunk size (None = no chunking; "keep" = unchanged) on every
+    attention layer inside `module` (the layers that carry `upcast` and `chunk_size` attributes)."""
+    for m in module.modules():
+        if hasattr(m, "upcast") and hasattr(m, "chunk_size"):
+            if upcast is not None:
+                m.upcast = upcast
+            if chunk_size != "keep":
+                m.chunk_size = chunk_size
+
+
 def project_tokens(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Apply a 1x1 conv or a linear layer to (B, N, C) tokens. A 1x1 conv is a linear map of each
     pixel's channels, so checkpoints that store attention projections as 1x1 convs (SD 1.x's

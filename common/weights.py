@@ -166,6 +166,22 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *,
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
 
 
+def rename_by_prefix(state: dict[str, torch.Tensor], table: dict[str, str],
+                     inner: Callable[[str, str, torch.Tensor], tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Rename keys by the first prefix of `table` they start with (diffusers block -> LDM block);
+    `inner(prefix, rest, value)` renames what follows the prefix (and may reshape the value). Keys no
+    prefix matches are kept as they are, so that a strict load names them as unexpected."""
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in table if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+            continue
+        rest, value = inner(prefix, key[len(prefix):], value)
+        out[table[prefix] + rest] = value
+    return out
+
+
 @dataclass(frozen=True)
 class SDPart:
     """How one Stable Diffusion model (U-Net or VAE) is stored: its name in messages, its diffusers

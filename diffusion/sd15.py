@@ -110,6 +110,7 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
     if use_cfg:
         negative = sd.encode_prompts([negative_prompt] * num)
         context = torch.cat([negative, context] if ref_guidance is None else [negative, negative, context])
+    if ref_guidance is not None:  # the first third of the batch sees the null reference
         drop = torch.tensor([True] * num + [False] * 2 * num, device=sd.device)
 
     model = denoiser or sd.unet

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.weights import SDPart, load_sd_part
+from common.weights import SDPart, load_sd_part, rename_by_prefix
 from .model import UNet, UNetConfig
 
 SD_UNET_PREFIX = "model.diffusion_model."
@@ -44,21 +44,14 @@ def diffusers_to_ldm_table(cfg: UNetConfig) -> dict[str, str]:
 
 
 def diffusers_to_ldm(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    """Rename a diffusers UNet2DConditionModel state dict to LDM keys. Keys no prefix matches are
-    kept as they are, so that the strict load names them as unexpected."""
-    table = diffusers_to_ldm_table(cfg)
-    out = {}
-    for key, value in state.items():
-        prefix = next((p for p in table if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = value
-            continue
-        rest = key[len(prefix):]
+    """Rename a diffusers UNet2DConditionModel state dict to LDM keys (unmatched keys kept, so that
+    the strict load names them as unexpected)."""
+    def inner(prefix, rest, value):
         if ".resnets." in prefix:
             head, _, tail = rest.partition(".")
             rest = f"{RESNET_NAMES.get(head, head)}.{tail}"
-        out[table[prefix] + rest] = value
-    return out
+        return rest, value
+    return rename_by_prefix(state, diffusers_to_ldm_table(cfg), inner)
 
 
 def config_from_diffusers(d: dict) -> UNetConfig:

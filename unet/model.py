@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common.attention import attention, project_tokens
+from common.attention import attention, project_tokens, set_attention_options
 
 
 @dataclass
@@ -288,12 +288,7 @@ class UNetEncoder(nn.Module):
 
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
         """Set every attention layer's fp32 upcast and/or query chunk size (None = no chunking)."""
-        for m in self.modules():
-            if isinstance(m, CrossAttention):
-                if upcast is not None:
-                    m.upcast = upcast
-                if chunk_size != "keep":
-                    m.chunk_size = chunk_size
+        set_attention_options(self, upcast=upcast, chunk_size=chunk_size)
 
     def _run(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

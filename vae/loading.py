@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common.weights import SDPart, load_sd_part
+from common.weights import SDPart, load_sd_part, rename_by_prefix
 from .model import AutoencoderKL, VAEConfig
 
 SD_VAE_PREFIX = "first_stage_model."
@@ -42,20 +42,12 @@ def diffusers_to_ldm_table(cfg: VAEConfig) -> dict[str, str]:
 def diffusers_to_ldm(state: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
     """Rename a diffusers AutoencoderKL state dict to LDM keys; attention projections become 1x1
     conv weights. Unmatched keys are kept as they are, so a strict load names them."""
-    table = diffusers_to_ldm_table(cfg)
-    out = {}
-    for key, value in state.items():
-        prefix = next((p for p in table if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = value
-            continue
-        rest = key[len(prefix):]
-        inner, _, leaf = rest.rpartition(".")
-        new = table[prefix] + (f"{INNER_NAMES.get(inner, inner)}.{leaf}" if inner else leaf)
-        if ".attn_1." in new and leaf == "weight" and value.dim() == 2:
+    def inner(prefix, rest, value):
+        name, _, leaf = rest.rpartition(".")
+        if ".attentions." in prefix and leaf == "weight" and value.dim() == 2:
             value = value[:, :, None, None]
-        out[new] = value
-    return out
+        return (f"{INNER_NAMES.get(name, name)}.{leaf}" if name else leaf), value
+    return rename_by_prefix(state, diffusers_to_ldm_table(cfg), inner)
 
 
 def config_from_diffusers(d: dict) -> VAEConfig:

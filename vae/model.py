@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.attention import attention, project_tokens
+from common.attention import attention, project_tokens, set_attention_options
 
 
 @dataclass
@@ -235,13 +235,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
-        """Set the attention blocks' fp32 upcast and/or query chunk size (None = no chunking)."""
-        for m in self.modules():
-            if isinstance(m, AttnBlock):
-                if upcast is not None:
-                    m.upcast = upcast
-                if chunk_size != "keep":
-                    m.chunk_size = chunk_size
+        """Set every attention layer's fp32 upcast and/or query chunk size (None = no chunking)."""
+        set_attention_options(self, upcast=upcast, chunk_size=chunk_size)
 
     def _moments(self, x):
         return self.quant_conv(self.encoder(x))
