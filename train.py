@@ -1,9 +1,426 @@
-"""Training entry point: `torchrun --nproc_per_node N train.py --task recon|compose|multi ...`.
+"""Train RetriNet on a RetriBooru dataset (paper Sec. 5.2, Supp. A.4; DESIGN.md sections 3-5).
 
-Not built yet: the DDP training loop lands with issue 7 (it needs the UNet, VAE, RetriNet and data
-issues first). Running this file says so and exits with status 1 rather than pretending to train.
+    python train.py --preset tiny --data synthetic/ --out runs/tiny             # CPU, minutes
+    torchrun --nproc_per_node 8 train.py --preset sd15 --weights v1-5-pruned-emaonly.safetensors \\
+        --data RetriBooru/ --task compose --out runs/compose --precision fp16 --checkpointing --zero
+
+One optimizer step = --grad-accum micro-batches of --batch-size per process, so the global batch is
+processes x batch size x accumulation (paper: 1 x 8). The DDP gradient all-reduce runs on the last
+micro-batch only. Rank 0 writes everything under --out: log.jsonl (one JSON line per logged step),
+args.json, checkpoints/step-NNNNNN/ (retrinet.safetensors + state.pt), samples/step-NNNNNN.png.
+`--resume` continues from the last checkpoint with the same losses and weights as a run that was
+never stopped. SIGTERM / SIGINT save a checkpoint at the next step boundary and exit cleanly.
+The tiny preset also writes base.safetensors + base-config.json, so that sample.py can load it:
+
+    python sample.py --weights runs/tiny/base.safetensors --config runs/tiny/base-config.json \\
+        --retrinet runs/tiny/checkpoints/step-001500/retrinet.safetensors --refs a.png b.png \\
+        --prompt "" --height 24 --width 24 --ref-size 24 --sampler ddim --steps 25
 """
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
 import sys
+import time
+from pathlib import Path
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+MAX_BAD_STEPS = 50  # non-finite steps in a row that stop the run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from retrinet.training import PRESETS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="sd15",
+                    help="sd15: RetriNet on SD v1.5 (--weights); tiny: small configs from scratch, pixel space")
+    ap.add_argument("--weights", default=None, help="SD v1.5 single file or diffusers folder (preset sd15)")
+    ap.add_argument("--config", default=None, help="JSON of unet / vae / text_encoder configs for --weights "
+                                                   "that are not SD v1.5's shape (as sample.py --config)")
+    ap.add_argument("--data", required=True, help="RetriBooru root (annotations.jsonl)")
+    ap.add_argument("--out", required=True, help="output folder")
+    task = ap.add_argument_group("task (Sec. 5.2)")
+    task.add_argument("--task", choices=["recon", "compose", "multi"], default="recon")
+    task.add_argument("--setting", choices=["a", "b"], default="b", help="a: the target is its own reference (leaky)")
+    task.add_argument("--refs", type=int, default=2, help="references per target (K)")
+    task.add_argument("--lock", choices=["none", "decoder", "both"], default="none",
+                      help="none: train E + cross-attention + SD decoder; decoder: LockD; both: LockB")
+    task.add_argument("--p-drop", type=float, default=0.5, help="probability of dropping the prompt")
+    task.add_argument("--face-weight", type=float, default=0.1, help="lambda_face of Eq. 3")
+    task.add_argument("--ref-drop", type=float, default=0.0,
+                      help="probability of replacing all references by a learned null reference (enables "
+                           "--ref-guidance at sampling; 0 in the paper's recipe)")
+    task.add_argument("--resolution", type=int, default=None)
+    task.add_argument("--ref-resolution", type=int, default=None, help="reference side (default: --resolution)")
+    task.add_argument("--heads", type=int, default=None, help="attention heads of RetriNet's cross-attention")
+    opt = ap.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch")
+    opt.add_argument("--grad-accum", type=int, default=None)
+    opt.add_argument("--lr", type=float, default=None)
+    opt.add_argument("--min-lr", type=float, default=0.0)
+    opt.add_argument("--warmup", type=int, default=None)
+    opt.add_argument("--restart-every", type=int, default=None, help="cosine schedule restart period (steps)")
+    opt.add_argument("--weight-decay", type=float, default=1e-2)
+    opt.add_argument("--adam-eps", type=float, default=1e-8)
+    opt.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    opt.add_argument("--max-steps", type=int, default=None)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--zero", action="store_true", help="shard the AdamW state across processes (ZeRO-1)")
+    run = ap.add_argument_group("run")
+    run.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    run.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in E and the decoder")
+    run.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    run.add_argument("--workers", type=int, default=None, help="data loader processes per training process")
+    run.add_argument("--time-limit", type=float, default=0,
+                     help="minutes; past it, save and stop at the next step boundary (0: none)")
+    run.add_argument("--save-every", type=int, default=500)
+    run.add_argument("--keep", type=int, default=3, help="checkpoints kept (0: all)")
+    run.add_argument("--resume", nargs="?", const="latest", default=None,
+                     help="continue from the last checkpoint in --out, or from the given checkpoint folder")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--val-every", type=int, default=0, help="validation grid period (0: at the end only)")
+    run.add_argument("--val-data", default=None, help="RetriBooru root of the validation samples (default --data)")
+    run.add_argument("--val-count", type=int, default=4)
+    run.add_argument("--val-steps", type=int, default=None)
+    run.add_argument("--val-guidance", type=float, default=3.0)
+    run.add_argument("--val-ref-guidance", type=float, default=3.0, help="used when --ref-drop > 0")
+    args = ap.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every problem with the arguments, found before anything is built."""
+    import torch
+    problems = []
+    if args.preset == "sd15" and not args.weights:
+        problems.append("--preset sd15 needs --weights (SD v1.5, single file or diffusers folder)")
+    if args.weights and not Path(args.weights).exists():
+        problems.append(f"--weights {args.weights}: no such file or folder")
+    if args.preset == "tiny" and (args.weights or args.config):
+        problems.append("--preset tiny trains from scratch: --weights / --config belong to --preset sd15")
+    if args.config and not Path(args.config).is_file():
+        problems.append(f"--config {args.config}: no such file")
+    for root in filter(None, (args.data, args.val_data)):
+        if not (Path(root) / "annotations.jsonl").is_file():
+            problems.append(f"{root}: no annotations.jsonl (not a RetriBooru root)")
+    positive = ("heads", "refs", "resolution", "batch_size", "grad_accum", "restart_every", "max_steps", "save_every",
+                "log_every", "val_steps")
+    problems += [f"--{n.replace('_', '-')} {getattr(args, n)} must be at least 1" for n in positive
+                 if getattr(args, n) < 1]
+    problems += [f"--{n.replace('_', '-')} {getattr(args, n)} must be within [0, 1]"
+                 for n in ("p_drop", "ref_drop") if not 0 <= getattr(args, n) <= 1]
+    for name in ("resolution", "ref_resolution"):
+        if getattr(args, name) is not None and (getattr(args, name) < 8 or getattr(args, name) % 8):
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive multiple of 8")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        problems.append(f"--lr {args.lr} must be > 0 and --min-lr {args.min_lr} within [0, lr]")
+    if args.preset == "tiny" and args.lock != "none":
+        problems.append("--preset tiny trains its base U-Net from scratch: only --lock none applies")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available here")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        problems.append("--precision fp16 (with a GradScaler) needs CUDA; use fp32 or bf16 on the CPU")
+    if args.resume and args.resume != "latest" and not (Path(args.resume) / "state.pt").is_file():
+        problems.append(f"--resume {args.resume}: not a checkpoint folder (no state.pt)")
+    return problems
+
+
+# -- distributed -----------------------------------------------------------------------------------
+
+def setup_distributed(device: str):
+    """(rank, world size, device) from torchrun's environment; NCCL on CUDA, gloo on the CPU."""
+    import torch
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def all_mean(value, world: int):
+    """The mean of a float over processes (a tensor op every process must reach)."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.item() / world
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def build(args, device, rank: int, out: Path):
+    """The SD parts and the RetriUNet, on `device`; frozen parts in half precision under amp."""
+    import torch
+    from diffusion.sd15 import load_configs, load_sd15
+    from retrinet import RetriUNet
+    from retrinet.training import build_tiny, save_base
+    if args.preset == "tiny":
+        sd = build_tiny(args.seed)
+        if rank == 0 and not (out / "base.safetensors").is_file():
+            save_base(sd, out)
+        if (out / "base.safetensors").is_file():  # resume: the very same frozen text encoder
+            from safetensors.torch import load_file
+            state = load_file(out / "base.safetensors")
+            p = "cond_stage_model.transformer."
+            sd.text_encoder.load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
+    else:
+        sd = load_sd15(args.weights, configs=load_configs(args.config) if args.config else None)
+    for part in (sd.unet, sd.vae, sd.text_encoder):
+        part.to(device)
+    model = RetriUNet(sd.unet, heads=args.heads, lock=args.lock, null_reference=args.ref_drop > 0, train_base=args.preset == "tiny")
+    if args.checkpointing:
+        model.retrinet.encoder.gradient_checkpointing = True
+        sd.unet.gradient_checkpointing = True
+    if args.precision != "fp32":  # frozen weights may live in half precision; trainable ones stay fp32
+        half = getattr(torch, PRECISIONS[args.precision])
+        sd.vae.to(half)
+        sd.text_encoder.to(half)
+        if not model.train_base:
+            for part in (sd.unet.time_embed, sd.unet.input_blocks, sd.unet.middle_block):
+                part.to(half)
+            if args.lock != "none":
+                sd.unet.output_blocks.to(half)
+                sd.unet.out.to(half)
+            if args.lock == "both":
+                model.retrinet.encoder.to(half)
+    sd.vae.eval()
+    sd.text_encoder.eval()
+    return sd, model
+
+
+def make_optimizer(params, args, world: int):
+    import torch
+    kw = dict(lr=args.lr, betas=(0.9, 0.999), eps=args.adam_eps, weight_decay=args.weight_decay)
+    if args.zero and world > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problems = check_args(args)
+    if problems:
+        for p in problems:
+            print(f"train.py: error: {p}", file=sys.stderr)
+        return 2
+
+    import random
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from common.weights import CheckpointError
+    from data.dataset import RetriBooruDataset
+    from diffusion.schedule import NoiseSchedule
+    from retrinet.training import (BatchStream, Conditioning, checkpoint_dirs, diffusion_loss, lr_at, read_state,
+                                   sample_grid, validation_records, write_checkpoint)
+
+    rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    out = Path(args.out)
+
+    def log(msg):
+        if master:
+            print(msg, file=sys.stderr, flush=True)
+
+    torch.manual_seed(args.seed + rank)  # per-rank; each sample's own randomness is seeded by its index
+    random.seed(args.seed + rank)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    if world > 1:
+        dist.barrier()
+    try:
+        sd, model = build(args, device, rank, out)
+    except (CheckpointError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    params = model.trainable_parameters()
+    n_train = sum(p.numel() for p in params)
+    log(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters in the denoiser, "
+        f"{n_train / 1e6:.1f} M trainable (lock {args.lock}); {world} process(es) on {device}, {args.precision}")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    optimizer = make_optimizer(params, args, world)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+    amp = (torch.autocast(device.type, dtype=getattr(torch, PRECISIONS[args.precision]))
+           if args.precision != "fp32" else contextlib.nullcontext())
+
+    # -- resume ----------------------------------------------------------------------------------
+    step, skipped, bad_in_row, data_pos = 0, 0, 0, {"epoch": 0, "offset": 0}
+    if args.resume:
+        ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
+        if ckpt is None:
+            log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+        else:
+            state = read_state(ckpt)
+            model.load_weights(ckpt / "retrinet.safetensors")
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            step, skipped, data_pos = state["step"], state["skipped"], state["data"]
+            rng = state["rng"][rank] if len(state["rng"]) == world else None
+            if rng is not None:
+                torch.set_rng_state(rng["torch"])
+                if device.type == "cuda" and rng.get("cuda") is not None:
+                    torch.cuda.set_rng_state(rng["cuda"], device)
+                random.setstate(rng["python"])
+            log(f"resumed from {ckpt} at step {step}")
+
+    dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
+                                task=args.task, p_drop=args.p_drop, seed=args.seed, ref_resolution=args.ref_resolution)
+    batches = BatchStream(dataset, args.batch_size, rank=rank, world=world, seed=args.seed, workers=args.workers,
+                          pin_memory=device.type == "cuda", **data_pos)
+    schedule, text = NoiseSchedule.sd15(), Conditioning(sd)
+    val_root = Path(args.val_data or args.data)
+    val_records = validation_records(val_root, args.val_count) if master else []
+
+    def save(tag=""):
+        """Collective: ZeRO gathers the full optimizer state on rank 0, which writes the checkpoint."""
+        if args.zero and world > 1:
+            optimizer.consolidate_state_dict(to=0)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            state = {"step": step, "skipped": skipped, "data": batches.state(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rngs, "args": json.dumps(vars(args))}
+            path = write_checkpoint(out, step, model, state, args.keep)
+            log(f"saved {path}{tag}")
+        if world > 1:
+            dist.barrier()
+
+    def validate():
+        if master and val_records:
+            with amp:  # frozen parts may be in half precision
+                grid = sample_grid(sd, model, val_root, val_records, k=args.refs, size=args.resolution,
+                                   ref_size=args.ref_resolution or args.resolution,
+                                   steps=args.val_steps, guidance=args.val_guidance,
+                                   ref_guidance=args.val_ref_guidance if args.ref_drop > 0 else None,
+                                   seed=args.seed)
+            (out / "samples").mkdir(exist_ok=True)
+            grid.save(out / "samples" / f"step-{step:06d}.png")
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        print(f"train.py: {stop['signal']} received; saving at the end of this step", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    # -- training loop (nanoGPT style: one explicit step at a time) -----------------------------------
+    log_file = open(out / "log.jsonl", "a") if master else None
+    try:
+        model.train()
+        last_batch, first_step, t_start = None, step, time.perf_counter()
+        t_log, samples_since = t_start, 0.0
+        status = 0
+        while step < args.max_steps:
+            lr = lr_at(step, lr=args.lr, warmup=args.warmup, restart_every=args.restart_every, min_lr=args.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses, n_samples = [], 0
+            for micro in range(args.grad_accum):
+                batch, epoch = next(batches)
+                weight = 1.0
+                if batch["size"] == 0:  # every sample unreadable: redo the last batch at zero weight (keeps DDP in step)
+                    if last_batch is None:
+                        raise RuntimeError("the first batch holds no readable sample; run python -m data.validate")
+                    (batch, epoch), weight = last_batch, 0.0
+                last_batch = (batch, epoch)
+                n_samples += batch["size"] if weight else 0
+                sync = micro == args.grad_accum - 1
+                with ddp.no_sync() if world > 1 and not sync else contextlib.nullcontext():
+                    with amp:
+                        loss = diffusion_loss(ddp, sd, schedule, text, batch, epoch=epoch, seed=args.seed,
+                                              face_weight=args.face_weight, ref_drop=args.ref_drop)
+                    scaler.scale(loss * (weight / args.grad_accum)).backward()
+                losses.append(loss.detach().float())
+            loss = all_mean(torch.stack(losses).mean(), world)
+            finite = math.isfinite(loss)
+            if finite:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf")).item()
+                finite = math.isfinite(grad_norm)
+                if finite or scaler.is_enabled():  # the scaler skips the update itself on inf / NaN gradients
+                    scaler.step(optimizer)
+                    scaler.update()
+            else:
+                grad_norm = float("nan")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_since += all_mean(n_samples, world) * world
+            if finite:
+                bad_in_row = 0
+            else:
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+
+            if master and (step % args.log_every == 0 or step == args.max_steps or not finite):
+                now = time.perf_counter()
+                rate = samples_since / max(now - t_log, 1e-9)
+                eta = (args.max_steps - step) * (now - t_start) / (step - first_step)
+                record = {"step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "skipped": skipped,
+                          "samples_per_s": round(rate, 3), "peak_memory_mb": round(peak_memory_mb(device), 1)}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                print(f"step {step}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                      f"{rate:.1f} samples/s | skipped {skipped} | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+                      file=sys.stderr, flush=True)
+                t_log, samples_since = now, 0.0
+            if bad_in_row >= MAX_BAD_STEPS:
+                log(f"train.py: error: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient; stopping. "
+                    f"The checkpoint holds the last good weights. Lower --lr or use --precision fp32.")
+                save(" (after non-finite steps)")
+                status = 3
+                break
+            out_of_time = args.time_limit and time.perf_counter() - t_start > 60 * args.time_limit
+            if all_mean(stop["signal"] is not None or out_of_time, world) > 0:  # every process stops here
+                why = stop["signal"] or ("the time limit" if out_of_time else "a signal on another process")
+                save(f" (stopped by {why} at step {step})")
+                break
+            if step % args.save_every == 0 or step == args.max_steps:
+                save()
+            if args.val_every and step % args.val_every == 0 or step == args.max_steps:
+                validate()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if log_file:
+            log_file.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return status
+
 
 if __name__ == "__main__":
-    sys.exit("train.py: the training loop is not implemented yet (issue 7); nothing was trained.")
+    sys.exit(main())

@@ -37,7 +37,8 @@ SETTINGS, TASKS = ("a", "b"), ("recon", "compose", "multi")
 
 class RetriBooruDataset(Dataset):
     def __init__(self, root: str | Path, resolution: int = 384, k: int = 2, setting: str = "b", task: str = "recon",
-                 p_drop: float = 0.5, ref_repeat: bool = False, seed: int = 0, strict: bool = False):
+                 p_drop: float = 0.5, ref_repeat: bool = False, seed: int = 0, strict: bool = False,
+                 ref_resolution: int | None = None):
         if setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
         if task not in TASKS:
@@ -57,6 +58,7 @@ class RetriBooruDataset(Dataset):
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); run python -m data.validate") from None
         self.by_id = {r["id"]: r for r in self.records}
         self.resolution, self.k, self.setting, self.task = resolution, k, setting, task
+        self.ref_resolution = ref_resolution or resolution  # references may be smaller than the target
         self.p_drop, self.ref_repeat, self.seed, self.strict = p_drop, ref_repeat, seed, strict
         self.epoch = 0
         self._logged: set[str] = set()
@@ -75,7 +77,7 @@ class RetriBooruDataset(Dataset):
         if task == "multi":  # without a TaskBatchSampler: decide per sample
             task = "recon" if rng.random() < 0.5 else "compose"
         try:
-            return self._sample(rec, rng, task)
+            return {"index": index, **self._sample(rec, rng, task)}
         except (OSError, ValueError, KeyError, IndexError) as e:
             if self.strict:
                 raise ValueError(f"sample {rec.get('id')}: {e}") from e
@@ -106,7 +108,7 @@ class RetriBooruDataset(Dataset):
             n = self.k if self.ref_repeat else min(self.k, len(pool))
             chosen = rng.choice(len(pool), size=n, replace=self.ref_repeat and len(pool) < self.k)
             sources = [(self.by_id[pool[i]], None) for i in chosen]
-        refs = torch.full((self.k, 3, self.resolution, self.resolution), 1.0)  # masked slots: white
+        refs = torch.full((self.k, 3, self.ref_resolution, self.ref_resolution), 1.0)  # masked slots: white
         ref_mask = torch.zeros(self.k, dtype=torch.bool)
         concepts, ref_ids = ["figure"] * self.k, [""] * self.k
         for j, (ref_rec, ref_image) in enumerate(sources):
@@ -114,7 +116,7 @@ class RetriBooruDataset(Dataset):
             ref_image = ref_image if ref_image is not None else self._open(ref_rec)
             if task == "compose":
                 ref_image, concepts[j] = _concept_crop(ref_rec, ref_image, rng)
-            refs[j] = fit_and_pad(ref_image, self.resolution)[0]
+            refs[j] = fit_and_pad(ref_image, self.ref_resolution)[0]
             ref_mask[j] = True
         return {"id": rec["id"], "image": pixels, "valid": valid, "face": face, "prompt": prompt, "refs": refs,
                 "ref_mask": ref_mask, "concepts": concepts, "ref_ids": ref_ids, "task": task}
@@ -157,6 +159,7 @@ def collate(samples: list[dict | None]) -> dict:
         return batch
     for key in ("image", "valid", "face", "refs", "ref_mask"):
         batch[key] = torch.stack([s[key] for s in kept])
+    batch["index"] = torch.tensor([s["index"] for s in kept])
     for key in ("id", "prompt", "concepts", "ref_ids", "task"):
         batch[key] = [s[key] for s in kept]
     return batch

@@ -17,7 +17,7 @@ import torch
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, load_text_encoder
 from common.weights import CheckpointError
 from unet import UNet, UNetConfig, load_unet
-from vae import AutoencoderKL, VAEConfig, load_vae
+from vae import AutoencoderKL, PixelSpace, PixelSpaceConfig, VAEConfig, load_vae
 from .samplers import make_sampler
 
 LATENT_SCALE = 0.18215  # LDM's scale_factor: latents = 0.18215 * vae.encode(x).sample()
@@ -26,7 +26,7 @@ LATENT_SCALE = 0.18215  # LDM's scale_factor: latents = 0.18215 * vae.encode(x).
 @dataclass
 class StableDiffusion:
     unet: UNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelSpace
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
 
@@ -38,6 +38,11 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return self.unet.out[2].weight.dtype
 
+    @property
+    def latent_scale(self) -> float:
+        """LDM's scale_factor for SD's VAE; 1 in pixel space (the tiny training preset)."""
+        return 1.0 if isinstance(self.vae, PixelSpace) else LATENT_SCALE
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, 768) text context; over-long prompts are truncated with a warning."""
@@ -46,7 +51,8 @@ class StableDiffusion:
 
 def load_configs(path: str | Path) -> dict:
     """Model configs from a JSON file {"unet": {...}, "vae": {...}, "text_encoder": {...}} (LDM names
-    for unet/vae, transformers names for the text encoder); any part may be left out."""
+    for unet/vae, transformers names for the text encoder); any part may be left out. `"vae": "pixel"`
+    means no autoencoder: the model diffuses pixels (the tiny training preset)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -57,7 +63,8 @@ def load_configs(path: str | Path) -> dict:
         raise ValueError(f"{path}: unknown parts {sorted(unknown)}; expected unet, vae, text_encoder")
     try:
         return {"unet": UNetConfig(**raw["unet"]) if "unet" in raw else None,
-                "vae": VAEConfig(**raw["vae"]) if "vae" in raw else None,
+                "vae": (PixelSpaceConfig() if raw.get("vae") == "pixel" else
+                        VAEConfig(**raw["vae"]) if "vae" in raw else None),
                 "text_encoder": CLIPTextConfig.from_hf(raw["text_encoder"]) if "text_encoder" in raw else None}
     except TypeError as e:
         raise ValueError(f"{path}: bad config field ({e})") from None
@@ -76,7 +83,10 @@ def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     configs = configs or {}
     parts = dict(device=device, dtype=dtype)
     unet = load_unet(path, configs.get("unet"), **parts)
-    vae = load_vae(path, configs.get("vae"), **parts)
+    if isinstance(configs.get("vae"), PixelSpaceConfig):
+        vae = PixelSpace(configs["vae"])
+    else:
+        vae = load_vae(path, configs.get("vae"), **parts)
     text_encoder = load_text_encoder(path, configs.get("text_encoder"), **parts)
     tokenizer_dir = path / "tokenizer"
     tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else CLIPTokenizer.default()
@@ -130,6 +140,6 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
         x = s.step(eps, i, x, generator=generator)
         if progress:
             progress(i + 1, len(s.timesteps))
-    image = sd.vae.decode(x / LATENT_SCALE)
+    image = sd.vae.decode(x / sd.latent_scale)
     image = (image.float() / 2 + 0.5).clamp(0, 1)
     return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -174,7 +174,7 @@ class RetriUNet(nn.Module):
     """
 
     def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", mode: str = "retrinet",
-                 null_reference: bool = False):
+                 null_reference: bool = False, train_base: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -187,7 +187,7 @@ class RetriUNet(nn.Module):
         # E starts as a copy of SD's encoder half (ControlNet's tool_add_control).
         own = self.encoder.state_dict()
         self.encoder.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own}, strict=False)
-        self.set_lock(lock)
+        self.set_lock(lock, train_base)
 
     @property
     def encoder(self) -> UNetEncoder:
@@ -199,14 +199,17 @@ class RetriUNet(nn.Module):
         """Everything RetriNet / ControlNet adds to SD."""
         return self.retrinet if self.mode == "retrinet" else self.control
 
-    def set_lock(self, lock: str) -> None:
+    def set_lock(self, lock: str, train_base: bool = False) -> None:
         """Choose what trains (paper Sec. 5.2): "none" = E, cross-attention, zero convs and SD's
         decoder; "decoder" (LockD) freezes the decoder; "both" (LockB) also freezes E. SD's encoder
-        half is always frozen."""
+        half is frozen, unless `train_base`: then the whole U-Net trains as well (a base trained
+        from scratch, as in the tiny preset; `lock` must be "none")."""
         if lock not in LOCKS:
             raise ValueError(f"lock must be one of {LOCKS}, got {lock!r}")
-        self.lock = lock
-        self.unet.requires_grad_(False)
+        if train_base and lock != "none":
+            raise ValueError(f"train_base trains the whole U-Net; it contradicts lock {lock!r}")
+        self.lock, self.train_base = lock, train_base
+        self.unet.requires_grad_(train_base)
         self.added.requires_grad_(True)
         if lock == "none":
             self.unet.output_blocks.requires_grad_(True)
@@ -229,8 +232,8 @@ class RetriUNet(nn.Module):
         self._check(x, refs, ref_context, ref_mask, ref_drop)
         unet = self.unet
         emb = unet.embed_time(timesteps, x.shape[0], x.dtype)
-        with torch.no_grad():  # SD's encoder half is frozen: keep no graph for it
-            skips, middle = unet.encode(x, emb.detach(), context)
+        with torch.set_grad_enabled(self.train_base and torch.is_grad_enabled()):  # frozen: keep no graph
+            skips, middle = unet.encode(x, emb if self.train_base else emb.detach(), context)
         if self.mode == "retrinet":
             if features is None:
                 features = self.retrinet.encode_refs(refs, timesteps, ref_context)
@@ -265,17 +268,17 @@ class RetriUNet(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """What RetriNet / ControlNet adds (and SD's decoder when it was trained, lock "none") as
-        safetensors, with the base U-Net config, mode, heads and lock in the metadata. ControlNet
-        weights keep the official `control_model.` keys."""
+        """What RetriNet / ControlNet adds (and SD's decoder when it was trained, lock "none"; the
+        whole U-Net with `train_base`) as safetensors, with the base U-Net config, mode, heads and
+        lock in the metadata. ControlNet weights keep the official `control_model.` keys."""
         state = {f"{self._prefix}{k}": v for k, v in self.added.state_dict().items()}
         if self.lock == "none":
             state.update({f"unet.{k}": v for k, v in self.unet.state_dict().items()
-                          if k.startswith(("output_blocks.", "out."))})
+                          if self.train_base or k.startswith(("output_blocks.", "out."))})
         retri = self.mode == "retrinet"
         info = {"unet_config": self.unet.config.__dict__, "mode": self.mode, "lock": self.lock,
                 "heads": self.retrinet.heads if retri else None,
-                "null_reference": self.retrinet.null_reference if retri else False}
+                "null_reference": self.retrinet.null_reference if retri else False, "train_base": self.train_base}
         meta = {"format": "pt", "retrinet": json.dumps(info, default=list)}
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
 
@@ -293,18 +296,23 @@ class RetriUNet(nn.Module):
             raise CheckpointError(f"{path}: RetriNet made for another base U-Net; differing config fields "
                                   f"(file, model): {diff}")
         model = cls(unet, heads=meta.get("heads") or 8, lock=meta["lock"], mode=meta.get("mode", "retrinet"),
-                    null_reference=meta.get("null_reference", False))
-        p = next(unet.parameters())
-        state = read_tensors(path, device=p.device, dtype=p.dtype)
-        added = {k[len(model._prefix):]: v for k, v in state.items() if k.startswith(model._prefix)}
-        load_strict(model.added, added, source=str(path), layout=f"retrinet ({model.mode})")
-        decoder = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        if decoder:
-            own = {k: v for k, v in model.unet.state_dict().items() if k.startswith(("output_blocks.", "out."))}
-            if decoder.keys() != own.keys() or any(decoder[k].shape != own[k].shape for k in own):
-                raise CheckpointError(f"{path}: the trained decoder weights do not fit the U-Net")
-            model.unet.load_state_dict(decoder, strict=False)
+                    null_reference=meta.get("null_reference", False), train_base=meta.get("train_base", False))
+        model.load_weights(path)
         return model
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a file written by `save` (for this very model: same mode, heads and lock) in place."""
+        p = next(self.unet.parameters())
+        state = read_tensors(path, device=p.device, dtype=p.dtype)
+        added = {k[len(self._prefix):]: v for k, v in state.items() if k.startswith(self._prefix)}
+        load_strict(self.added, added, source=str(path), layout=f"retrinet ({self.mode})")
+        trained = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        if trained:
+            own = {k: v for k, v in self.unet.state_dict().items()
+                   if self.train_base or k.startswith(("output_blocks.", "out."))}
+            if trained.keys() != own.keys() or any(trained[k].shape != own[k].shape for k in own):
+                raise CheckpointError(f"{path}: the trained U-Net weights do not fit the U-Net")
+            self.unet.load_state_dict(trained, strict=False)
 
     @classmethod
     def load_controlnet(cls, path: str | Path, unet: UNet, lock: str = "none") -> "RetriUNet":

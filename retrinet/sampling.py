@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from data.transforms import fit_and_pad
-from diffusion.sd15 import LATENT_SCALE, StableDiffusion
+from diffusion.sd15 import StableDiffusion
 from .model import RetriUNet
 
 CONCEPTS = ("figure", "face", "clothes")
@@ -56,7 +56,7 @@ class ReferenceDenoiser:
                 self.ref_context = None
             else:
                 pixels = torch.stack([fit_and_pad(im, size)[0] for im in refs]).to(device, dtype)
-                self.refs = (sd.vae.encode(pixels).mean * LATENT_SCALE)[None]        # (1, K, 4, s/8, s/8)
+                self.refs = (sd.vae.encode(pixels).mean * sd.latent_scale)[None]      # (1, K, 4, s/8, s/8)
                 self.ref_context = sd.encode_prompts(concepts)[None]                 # (1, K, 77, 768)
 
     @torch.no_grad()
