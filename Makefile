@@ -1,10 +1,12 @@
-# Two commands: `make test` (set up .venv if needed, run the tests); `make demo` arrives with the
-# training loop (see README).
+# Two commands: `make demo` (set up .venv if needed, train the tiny preset on a synthetic dataset,
+# sample held-out identities, write a report) and `make test` (set up .venv, run the tests).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test bench clean-venv
+DEMO_OUT ?= demo-output
+
+.PHONY: demo test bench clean-venv
 
 # The venv is rebuilt whenever a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -12,6 +14,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m retrinet.demo --out $(DEMO_OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -235,7 +235,6 @@ def main(argv=None) -> int:
 
     from common.weights import CheckpointError
     from data.dataset import RetriBooruDataset
-    from diffusion.schedule import NoiseSchedule
     from retrinet.training import (BatchStream, Conditioning, checkpoint_dirs, diffusion_loss, lr_at, read_state,
                                    sample_grid, validation_records, write_checkpoint)
 
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
                                 task=args.task, p_drop=args.p_drop, seed=args.seed, ref_resolution=args.ref_resolution)
     batches = BatchStream(dataset, args.batch_size, rank=rank, world=world, seed=args.seed, workers=args.workers,
                           pin_memory=device.type == "cuda", **data_pos)
-    schedule, text = NoiseSchedule.sd15(), Conditioning(sd)
+    schedule, text = sd.schedule, Conditioning(sd)
     val_root = Path(args.val_data or args.data)
     val_records = validation_records(val_root, args.val_count) if master else []
 

@@ -118,11 +118,15 @@ class PNDM(Sampler):
 
 class DDIM(Sampler):
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, with sigma_t of eq. 16 times eta):
-    eta = 0 is the deterministic DDIM, eta = 1 ancestral DDPM sampling."""
+    eta = 0 is the deterministic DDIM, eta = 1 ancestral DDPM sampling. `clip_sample` clamps the x_0
+    prediction to [-clip_sample, clip_sample] (diffusers' clip_sample; for pixel-space models, whose x_0
+    predictions at high noise explode otherwise)."""
 
-    def __init__(self, num_steps: int, schedule: NoiseSchedule, eta: float = 0.0) -> None:
+    def __init__(self, num_steps: int, schedule: NoiseSchedule, eta: float = 0.0,
+                 clip_sample: float | None = None) -> None:
         super().__init__(num_steps, schedule)
         self.eta = float(eta)
+        self.clip_sample = clip_sample
         self.stride = schedule.num_train_timesteps // num_steps
         self.timesteps = _leading(num_steps, self.stride)
 
@@ -131,6 +135,8 @@ class DDIM(Sampler):
         t = int(self.timesteps[i])
         a, a_prev = self._acp(t), self._acp(t - self.stride)
         x0 = (x - (1 - a) ** 0.5 * model_output) / a ** 0.5
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         std = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * model_output
         if self.eta > 0:

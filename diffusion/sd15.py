@@ -8,7 +8,7 @@ latents, run the sampler with classifier-free guidance in one batched U-Net call
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from common.weights import CheckpointError
 from unet import UNet, UNetConfig, load_unet
 from vae import AutoencoderKL, PixelSpace, PixelSpaceConfig, VAEConfig, load_vae
 from .samplers import make_sampler
+from .schedule import NoiseSchedule
 
 LATENT_SCALE = 0.18215  # LDM's scale_factor: latents = 0.18215 * vae.encode(x).sample()
 
@@ -29,6 +30,7 @@ class StableDiffusion:
     vae: AutoencoderKL | PixelSpace
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # the training noise schedule
 
     @property
     def device(self) -> torch.device:
@@ -52,20 +54,22 @@ class StableDiffusion:
 def load_configs(path: str | Path) -> dict:
     """Model configs from a JSON file {"unet": {...}, "vae": {...}, "text_encoder": {...}} (LDM names
     for unet/vae, transformers names for the text encoder); any part may be left out. `"vae": "pixel"`
-    means no autoencoder: the model diffuses pixels (the tiny training preset)."""
+    means no autoencoder: the model diffuses pixels (the tiny training preset); `"schedule"`
+    ({"beta_start", "beta_end", "num_train_timesteps"}) replaces SD's noise schedule."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read model configs ({e})") from None
-    unknown = set(raw) - {"unet", "vae", "text_encoder"}
+    unknown = set(raw) - {"unet", "vae", "text_encoder", "schedule"}
     if unknown:
-        raise ValueError(f"{path}: unknown parts {sorted(unknown)}; expected unet, vae, text_encoder")
+        raise ValueError(f"{path}: unknown parts {sorted(unknown)}; expected unet, vae, text_encoder, schedule")
     try:
         return {"unet": UNetConfig(**raw["unet"]) if "unet" in raw else None,
                 "vae": (PixelSpaceConfig() if raw.get("vae") == "pixel" else
                         VAEConfig(**raw["vae"]) if "vae" in raw else None),
-                "text_encoder": CLIPTextConfig.from_hf(raw["text_encoder"]) if "text_encoder" in raw else None}
+                "text_encoder": CLIPTextConfig.from_hf(raw["text_encoder"]) if "text_encoder" in raw else None,
+                "schedule": NoiseSchedule(**raw["schedule"]) if "schedule" in raw else None}
     except TypeError as e:
         raise ValueError(f"{path}: bad config field ({e})") from None
 
@@ -90,7 +94,7 @@ def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     text_encoder = load_text_encoder(path, configs.get("text_encoder"), **parts)
     tokenizer_dir = path / "tokenizer"
     tokenizer = CLIPTokenizer.from_folder(tokenizer_dir) if tokenizer_dir.is_dir() else CLIPTokenizer.default()
-    return StableDiffusion(unet, vae, text_encoder, tokenizer)
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, configs.get("schedule") or NoiseSchedule.sd15())
 
 
 @torch.no_grad()
@@ -124,7 +128,10 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
         drop = torch.tensor([True] * num + [False] * 2 * num, device=sd.device)
 
     model = denoiser or sd.unet
-    s = make_sampler(sampler, steps)
+    # Pixel space (the tiny preset): DDIM clamps its x_0 prediction to the data range, as pixel-space
+    # DDPM / DDIM sampling does; without it the prediction explodes at high noise.
+    clip = {"clip_sample": 1.0} if isinstance(sd.vae, PixelSpace) and sampler == "ddim" else {}
+    s = make_sampler(sampler, steps, sd.schedule, **clip)
     shape = (num, sd.unet.config.in_channels, height // f, width // f)
     x = torch.randn(shape, generator=generator, dtype=sd.dtype).to(sd.device) * s.init_noise_sigma
     for i, t in enumerate(s.timesteps):

@@ -136,3 +136,24 @@ def test_multistep_samplers_refuse_steps_out_of_order(name):
     s.step(x, 0, x)
     with pytest.raises(RuntimeError, match="expected 1"):
         s.step(x, 0, x)
+
+
+def test_ddim_clip_sample_with_another_schedule_equals_diffusers():
+    """The tiny training preset's pixel-space sampling: beta_end 0.03 and x_0 clamped to [-1, 1]
+    (diffusers' clip_sample), checked on a model whose x_0 predictions leave the range."""
+    from diffusion.schedule import NoiseSchedule
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    s = make_sampler("ddim", 10, NoiseSchedule(beta_end=0.03), clip_sample=1.0)
+    sched = diffusers.DDIMScheduler.from_config({**SD_SCHEDULER, "beta_end": 0.03, "clip_sample": True,
+                                                 "clip_sample_range": 1.0})
+    sched.set_timesteps(10)
+    x, r = noise.clone(), noise.clone()
+    for i, t in enumerate(s.timesteps):
+        x = s.step(fake_model(x, t) * 1.5, i, x)
+        r = sched.step(fake_model(r, t) * 1.5, t, r).prev_sample
+        assert rel_err(x, r) <= 1e-5, (i, rel_err(x, r))
+    unclipped = make_sampler("ddim", 10, NoiseSchedule(beta_end=0.03))
+    y = noise.clone()
+    for i, t in enumerate(unclipped.timesteps):
+        y = unclipped.step(fake_model(y, t) * 1.5, i, y)
+    assert not torch.allclose(x, y)  # the clamp was active

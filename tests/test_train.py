@@ -277,3 +277,18 @@ def test_fp16_grad_scaler_on_cuda(data, tmp_path):
     assert all(math.isfinite(l) for l in losses(tmp_path / "fp16"))
     state = read_state(tmp_path / "fp16" / "checkpoints" / "step-000003")
     assert state["scaler"]["scale"] > 0
+
+
+def test_demo_end_to_end_on_a_small_budget(tmp_path):
+    """make demo's pipeline with everything shrunk: data, training, held-out sampling, report."""
+    from retrinet import demo
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--identities", "8", "--images-per-identity", "4", "--heldout", "3",
+                      "--steps", "2", "--samples", "2", "--sample-steps", "2", "--train-args", "--batch-size",
+                      "8", "--val-steps", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and report["samples"] == 6 and report["heldout_identities"] == 3
+    assert set(report["generated"]) == {"exact", "hair", "top", "bottom"}
+    assert 0 <= report["chance"]["exact"] <= 1 and report["real_images"]["exact"] > 0
+    assert (out / "heldout-samples.png").is_file() and (out / "report.md").is_file()
+    assert (out / "run" / "checkpoints" / "step-000002" / "retrinet.safetensors").is_file()

@@ -1,0 +1,141 @@
+"""Benchmark: whole training steps of train.py (data loading, VAE and text encoding, RetriUNet forward
+and backward, AdamW), timed through the same functions the training loop calls.
+
+    .venv/bin/python bench/train.py                            # tiny preset on the CPU: steps/s, samples/s
+    .venv/bin/python bench/train.py --preset sd15 --device cuda [--lock decoder]
+        # SD v1.5 size with random weights (none can be downloaded here), 384 px, K = 2, batch 1,
+        # fp16 autocast + GradScaler, gradient checkpointing: samples/s, peak memory, parameter
+        # counts, and the achieved fraction of the GPU's peak (FLOPs counted by torch's FlopCounterMode)
+
+No reference implementation of RetriNet training exists to take a ratio against; the U-Net's own
+ratio to diffusers is bench/unet.py's. This script reports absolute throughput and, on a GPU, the
+fraction of peak that sets its ceiling.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from data.dataset import RetriBooruDataset  # noqa: E402
+from data.synthetic import generate  # noqa: E402
+from retrinet.training import BatchStream, Conditioning, diffusion_loss  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}  # dense fp16 tensor-core peaks
+
+
+def build_random_sd15(args, device):
+    """SD v1.5-size parts with random weights, as train.build would set them up."""
+    from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusion.sd15 import StableDiffusion
+    from retrinet import RetriUNet
+    from unet import UNet, UNetConfig
+    from vae import AutoencoderKL, VAEConfig
+    with torch.device(device):
+        sd = StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15()),
+                             CLIPTextModel(CLIPTextConfig.vit_l14()), CLIPTokenizer.default())
+        model = RetriUNet(sd.unet, heads=8, lock=args.lock, null_reference=False)
+    half = torch.float16
+    sd.vae.to(half).eval()
+    sd.text_encoder.to(half).eval()
+    for part in (sd.unet.time_embed, sd.unet.input_blocks, sd.unet.middle_block):
+        part.to(half)
+    if args.lock != "none":
+        sd.unet.output_blocks.to(half)
+        sd.unet.out.to(half)
+    if args.lock == "both":
+        model.retrinet.encoder.to(half)
+    model.retrinet.encoder.gradient_checkpointing = sd.unet.gradient_checkpointing = True
+    return sd, model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lock", default="none", choices=["none", "decoder", "both"])
+    ap.add_argument("--data", default=None, help="RetriBooru root (default: a synthetic one in a temp folder)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--gpu", default="H100", help=f"peak table entry: {', '.join(PEAK_TFLOPS)}")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    tmp = tempfile.TemporaryDirectory()
+    data = Path(a.data) if a.data else Path(tmp.name) / "syn"
+    if not a.data:
+        size = 48 if a.preset == "tiny" else 384
+        generate(data, identities=16, images_per_identity=4, size=size, seed=0, noise_fraction=0.0)
+
+    if a.preset == "tiny":
+        args = train.parse_args(["--preset", "tiny", "--data", str(data), "--out", tmp.name, "--device", a.device])
+        assert not train.check_args(args)
+        sd, model = train.build(args, device, 1, Path(tmp.name))
+        amp, scaler = torch.autocast(device.type, enabled=False), torch.amp.GradScaler(enabled=False)
+    else:
+        if device.type != "cuda":
+            sys.exit("bench/train.py: --preset sd15 measures the GPU recipe (fp16); use --device cuda")
+        args = train.parse_args(["--preset", "sd15", "--weights", "random", "--data", str(data), "--out", tmp.name,
+                                 "--lock", a.lock, "--precision", "fp16", "--checkpointing"])
+        sd, model = build_random_sd15(args, device)
+        amp, scaler = torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    params = model.trainable_parameters()
+    optimizer = train.make_optimizer(params, args, 1)
+    dataset = RetriBooruDataset(data, resolution=args.resolution, k=args.refs, p_drop=args.p_drop,
+                                ref_resolution=args.ref_resolution)
+    stream = BatchStream(dataset, args.batch_size, rank=0, world=1, seed=0, workers=args.workers,
+                         pin_memory=device.type == "cuda")
+    schedule, text = sd.schedule, Conditioning(sd)
+
+    def step():
+        batch, epoch = next(stream)
+        with amp:
+            loss = diffusion_loss(model, sd, schedule, text, batch, epoch=epoch, seed=0, face_weight=0.1,
+                                  ref_drop=0.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return batch["size"]
+
+    for _ in range(a.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, samples = [], 0
+    for _ in range(a.steps):
+        start = time.perf_counter()
+        samples += step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    n_all = sum(p.numel() for p in model.parameters()) + sum(p.numel() for m in (sd.vae, sd.text_encoder)
+                                                            for p in m.parameters())
+    n_train = sum(p.numel() for p in params)
+    print(f"preset {a.preset}, lock {args.lock}, {device}, {args.resolution} px, K = {args.refs}, "
+          f"batch {args.batch_size}, threads {torch.get_num_threads()}")
+    print(f"parameters: {n_all / 1e6:.1f} M in all, {n_train / 1e6:.1f} M trainable "
+          f"(fp32 weights + grads + AdamW state: {16 * n_train / 2**30:.2f} GiB)")
+    print(f"step: median {median * 1e3:.1f} ms over {a.steps} -> {1 / median:.2f} steps/s, "
+          f"{args.batch_size / median:.1f} samples/s")
+    if device.type == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        peak = PEAK_TFLOPS.get(a.gpu, float("nan")) * 1e12
+        print(f"FLOPs per step: {flops / 1e12:.2f} T -> {flops / median / 1e12:.1f} TFLOP/s achieved, "
+              f"{flops / median / peak:.1%} of the {a.gpu}'s {peak / 1e12:.0f} TFLOP/s fp16 peak")
+
+
+if __name__ == "__main__":
+    main()
