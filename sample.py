@@ -170,6 +170,59 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "image"
 
 
+def load_sd(args: argparse.Namespace):
+    """SD v1.5 from --weights (and --config) on --device in --precision."""
+    import torch
+    from diffusion.sd15 import load_configs, load_sd15
+    configs = load_configs(args.config) if args.config else None
+    return load_sd15(args.weights, device=args.device, dtype=getattr(torch, PRECISIONS[args.precision]),
+                     configs=configs)
+
+
+def load_reference_model(args: argparse.Namespace, sd):
+    """The RetriNet (or ControlNet baseline) of --retrinet around `sd`'s U-Net, in eval mode."""
+    from retrinet import RetriUNet
+    return (RetriUNet.load(args.retrinet, sd.unet) if args.mode == "retrinet"
+            else RetriUNet.load_controlnet(args.retrinet, sd.unet)).eval()
+
+
+def generate(args: argparse.Namespace, sd, model=None, progress=None) -> list[tuple]:
+    """One batch of `args.num` images for `args.prompt` / `args.seed` (with `model`, conditioned on
+    `args.refs`): a list of (uint8 tensor (H, W, 3), its generation parameters). The command and
+    `python -m eval.protocol` both generate through here. Fills in `args.concepts` (one per reference)."""
+    from diffusion.sd15 import text_to_image
+    denoiser = None
+    if model is not None:
+        from retrinet.sampling import ReferenceDenoiser, open_reference
+        concepts = args.concepts * len(args.refs) if len(args.concepts) == 1 else args.concepts or ["figure"] * len(args.refs)
+        args.concepts = concepts
+        denoiser = ReferenceDenoiser(sd, model, [open_reference(p) for p in args.refs], concepts, args.ref_size,
+                                     args.height, args.width)
+    images = text_to_image(sd, args.prompt, args.negative_prompt, num=args.num, steps=args.steps,
+                           guidance=args.guidance, sampler=args.sampler, seed=args.seed, height=args.height,
+                           width=args.width, progress=progress, denoiser=denoiser, ref_guidance=args.ref_guidance)
+    out = []
+    for i, image in enumerate(images):
+        params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                      guidance=args.guidance, sampler=args.sampler, seed=args.seed, index=i, num=args.num,
+                      height=args.height, width=args.width, weights=Path(args.weights).name,
+                      precision=args.precision, device=args.device)
+        if args.retrinet:
+            params.update(retrinet=Path(args.retrinet).name, mode=args.mode, refs=[Path(p).name for p in args.refs],
+                          concepts=args.concepts, ref_size=args.ref_size, ref_guidance=args.ref_guidance)
+        out.append((image, params))
+    return out
+
+
+def save_png(image, params: dict, path: str | Path) -> None:
+    """Write a uint8 (H, W, 3) image as PNG with `params` as JSON in the text chunk "parameters"."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(params, ensure_ascii=False))
+    Image.fromarray(image.numpy()).save(path, pnginfo=info)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     problems = check_args(args)
@@ -178,18 +231,11 @@ def main(argv=None) -> int:
             print(f"sample.py: error: {p}", file=sys.stderr)
         return 2
 
-    import torch
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
     from common.weights import CheckpointError
-    from diffusion.sd15 import load_configs, load_sd15, text_to_image
 
-    dtype = getattr(torch, PRECISIONS[args.precision])
     start = time.perf_counter()
     try:
-        configs = load_configs(args.config) if args.config else None
-        sd = load_sd15(args.weights, device=args.device, dtype=dtype, configs=configs)
+        sd = load_sd(args)
     except (CheckpointError, ValueError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
@@ -201,36 +247,17 @@ def main(argv=None) -> int:
         print(f"\rsampling {args.num} image(s) with {args.sampler}: step {step}/{total}", end=end, file=sys.stderr,
               flush=True)
 
-    denoiser = None
+    model = None
     if args.retrinet:
-        from retrinet import RetriUNet
-        from retrinet.sampling import ReferenceDenoiser, open_reference
         try:
-            model = (RetriUNet.load(args.retrinet, sd.unet) if args.mode == "retrinet"
-                     else RetriUNet.load_controlnet(args.retrinet, sd.unet)).eval()
+            model = load_reference_model(args, sd)
         except (CheckpointError, ValueError) as e:
             print(f"sample.py: error: {e}", file=sys.stderr)
             return 1
-        concepts = args.concepts * len(args.refs) if len(args.concepts) == 1 else args.concepts or ["figure"] * len(args.refs)
-        args.concepts = concepts
-        denoiser = ReferenceDenoiser(sd, model, [open_reference(p) for p in args.refs], concepts, args.ref_size,
-                                     args.height, args.width)
-    images = text_to_image(sd, args.prompt, args.negative_prompt, num=args.num, steps=args.steps,
-                           guidance=args.guidance, sampler=args.sampler, seed=args.seed, height=args.height,
-                           width=args.width, progress=progress, denoiser=denoiser, ref_guidance=args.ref_guidance)
     out = Path(args.out)
-    for i, image in enumerate(images):
-        params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                      guidance=args.guidance, sampler=args.sampler, seed=args.seed, index=i, num=args.num,
-                      height=args.height, width=args.width, weights=Path(args.weights).name,
-                      precision=args.precision, device=args.device)
-        if args.retrinet:
-            params.update(retrinet=Path(args.retrinet).name, mode=args.mode, refs=[Path(p).name for p in args.refs],
-                          concepts=args.concepts, ref_size=args.ref_size, ref_guidance=args.ref_guidance)
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(params, ensure_ascii=False))
-        path = out / f"{slug(args.prompt)}-s{args.seed}-{i}.png"
-        Image.fromarray(image.numpy()).save(path, pnginfo=info)
+    for image, params in generate(args, sd, model, progress):
+        path = out / f"{slug(args.prompt)}-s{args.seed}-{params['index']}.png"
+        save_png(image, params, path)
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -168,7 +168,7 @@ def build(args, device, rank: int, out: Path):
     import torch
     from diffusion.sd15 import load_configs, load_sd15
     from retrinet import RetriUNet
-    from retrinet.training import build_tiny, save_base
+    from retrinet.training import build_tiny, frozen_to, save_base
     if args.preset == "tiny":
         sd = build_tiny(args.seed)
         if rank == 0 and not (out / "base.safetensors").is_file():
@@ -187,17 +187,7 @@ def build(args, device, rank: int, out: Path):
         model.retrinet.encoder.gradient_checkpointing = True
         sd.unet.gradient_checkpointing = True
     if args.precision != "fp32":  # frozen weights may live in half precision; trainable ones stay fp32
-        half = getattr(torch, PRECISIONS[args.precision])
-        sd.vae.to(half)
-        sd.text_encoder.to(half)
-        if not model.train_base:
-            for part in (sd.unet.time_embed, sd.unet.input_blocks, sd.unet.middle_block):
-                part.to(half)
-            if args.lock != "none":
-                sd.unet.output_blocks.to(half)
-                sd.unet.out.to(half)
-            if args.lock == "both":
-                model.retrinet.encoder.to(half)
+        frozen_to(sd, model, getattr(torch, PRECISIONS[args.precision]))
     sd.vae.eval()
     sd.text_encoder.eval()
     return sd, model

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data.dataset import RetriBooruDataset  # noqa: E402
 from data.synthetic import generate  # noqa: E402
-from retrinet.training import BatchStream, Conditioning, diffusion_loss  # noqa: E402
+from retrinet.training import BatchStream, Conditioning, diffusion_loss, frozen_to  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}  # dense fp16 tensor-core peaks
 
@@ -40,16 +40,9 @@ def build_random_sd15(args, device):
         sd = StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15()),
                              CLIPTextModel(CLIPTextConfig.vit_l14()), CLIPTokenizer.default())
         model = RetriUNet(sd.unet, heads=8, lock=args.lock, null_reference=False)
-    half = torch.float16
-    sd.vae.to(half).eval()
-    sd.text_encoder.to(half).eval()
-    for part in (sd.unet.time_embed, sd.unet.input_blocks, sd.unet.middle_block):
-        part.to(half)
-    if args.lock != "none":
-        sd.unet.output_blocks.to(half)
-        sd.unet.out.to(half)
-    if args.lock == "both":
-        model.retrinet.encoder.to(half)
+    frozen_to(sd, model, torch.float16)
+    sd.vae.eval()
+    sd.text_encoder.eval()
     model.retrinet.encoder.gradient_checkpointing = sd.unet.gradient_checkpointing = True
     return sd, model
 

@@ -88,6 +88,22 @@ def save_base(sd: StableDiffusion, out: Path) -> tuple[Path, Path]:
     return weights, configs
 
 
+def frozen_to(sd: StableDiffusion, model: RetriUNet, dtype: torch.dtype) -> None:
+    """Cast every frozen part to `dtype` (half precision under amp): the VAE, the text encoder, SD's
+    encoder half, and SD's decoder / E when the lock freezes them. Trainable weights stay fp32."""
+    sd.vae.to(dtype)
+    sd.text_encoder.to(dtype)
+    if model.train_base:
+        return
+    for part in (sd.unet.time_embed, sd.unet.input_blocks, sd.unet.middle_block):
+        part.to(dtype)
+    if model.lock != "none":
+        sd.unet.output_blocks.to(dtype)
+        sd.unet.out.to(dtype)
+    if model.lock == "both":
+        model.retrinet.encoder.to(dtype)
+
+
 # -- objective --------------------------------------------------------------------------------------
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
