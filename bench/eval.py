@@ -5,8 +5,10 @@
 Random ViT-L/14 weights (no download; speed does not depend on the values). Generated images are
 384 px PNGs written to a temporary folder; "images/s" is the whole path of the command (read, hash,
 decode, CLIP preprocessing to 224 px, image tower), "encoder images/s" the image tower alone on
-preprocessed pixels, "texts/s" the text tower on VQA-answer-long texts (77 tokens); each is the
-median over batches timed one by one. The projection
+preprocessed pixels, "texts/s" the text tower on VQA-answer-long texts (77 tokens); batches are
+timed one by one (image batches interleaved with tower-only ones), the median and the fastest
+reported, with this process's CPU share (its CPU time / wall time x threads; on a shared machine,
+below 1 means other processes took the cores). The projection
 for the protocol (Sec. 3.1: 5000 generations) assumes 50 characters x 2 references, two VQA
 questions answered for every generated and reference image (10,200 distinct answers) and 5 prompts,
 with an empty cache.
@@ -68,12 +70,16 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    cpu_share = []   # this process's CPU time / (wall time x threads): below 1 = other load took cores
+
     def timed(fn):
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         sync()
-        return time.perf_counter() - t
+        wall = time.perf_counter() - t
+        cpu_share.append((time.process_time() - c) / (wall * torch.get_num_threads()))
+        return wall
 
     # Each batch is timed on its own and the median batch reported: this shared VM's load drifts.
     reps = max(1, args.images // args.batch)
@@ -95,7 +101,8 @@ def main():
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"CLIP ViT-L/14 (random weights), {args.device} ({name}), {precision}, batch {args.batch}, "
           f"{args.workers} reader threads, torch {torch.__version__}; load average at start / end "
-          f"{load_start:.2f} / {os.getloadavg()[0]:.2f}")
+          f"{load_start:.2f} / {os.getloadavg()[0]:.2f}; CPU share of the timed runs "
+          f"{min(cpu_share):.2f}-{max(cpu_share):.2f} (1 = all {torch.get_num_threads()} threads busy)")
     n_img, n_txt = 5000 + 100, 2 * (5000 + 100) + 5
     rates = {}
     for label, times, unit in [(f"images ({args.size} px PNG: read, hash, decode, preprocess, encode)", t_images,
