@@ -151,14 +151,14 @@ def setup_distributed(device: str):
     return rank, world, torch.device("cpu")
 
 
-def all_mean(value, world: int):
-    """The mean of a float over processes (a tensor op every process must reach)."""
+def all_sum(values: list, world: int) -> list[float]:
+    """The sums of a few floats over processes, in one all-reduce every process must reach."""
     import torch
     import torch.distributed as dist
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(t)
-    return t.item() / world
+    return t.tolist()
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -354,7 +354,11 @@ def main(argv=None) -> int:
                                               face_weight=args.face_weight, ref_drop=args.ref_drop)
                     scaler.scale(loss * (weight / args.grad_accum)).backward()
                 losses.append(loss.detach().float())
-            loss = all_mean(torch.stack(losses).mean(), world)
+            # One collective per step: the loss, the samples, and whether any process must stop.
+            out_of_time = args.time_limit and time.perf_counter() - t_start > 60 * args.time_limit
+            loss, n_samples, stopping = all_sum([torch.stack(losses).mean(), n_samples,
+                                                 stop["signal"] is not None or out_of_time], world)
+            loss /= world
             finite = math.isfinite(loss)
             if finite:
                 scaler.unscale_(optimizer)
@@ -367,7 +371,7 @@ def main(argv=None) -> int:
                 grad_norm = float("nan")
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            samples_since += all_mean(n_samples, world) * world
+            samples_since += n_samples
             if finite:
                 bad_in_row = 0
             else:
@@ -392,8 +396,7 @@ def main(argv=None) -> int:
                 save(" (after non-finite steps)")
                 status = 3
                 break
-            out_of_time = args.time_limit and time.perf_counter() - t_start > 60 * args.time_limit
-            if all_mean(stop["signal"] is not None or out_of_time, world) > 0:  # every process stops here
+            if stopping:  # every process stops here
                 why = stop["signal"] or ("the time limit" if out_of_time else "a signal on another process")
                 save(f" (stopped by {why} at step {step})")
                 break

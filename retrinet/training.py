@@ -146,14 +146,12 @@ def diffusion_loss(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Co
         t = torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=g) for g in gens]).to(device)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         drop = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device) < ref_drop
-        if isinstance(sd.vae, PixelSpace):  # exact "latents": no posterior noise to draw
-            x0, ref_latents = images.float(), refs.float()
-        else:
-            vae_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-            ref_noise = torch.stack([torch.randn(ref_shape, generator=g) for g in gens]).to(device)
-            x0 = (target.mean.float() + target.std.float() * vae_noise) * sd.latent_scale
-            ref_latents = (ref_post.mean.float().unflatten(0, (b, k))
-                           + ref_post.std.float().unflatten(0, (b, k)) * ref_noise) * sd.latent_scale
+        # Posterior samples (PixelSpace's posterior has std 0: its "latents" are exactly the pixels).
+        vae_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        ref_noise = torch.stack([torch.randn(ref_shape, generator=g) for g in gens]).to(device)
+        x0 = (target.mean.float() + target.std.float() * vae_noise) * sd.latent_scale
+        ref_latents = (ref_post.mean.float().unflatten(0, (b, k))
+                       + ref_post.std.float().unflatten(0, (b, k)) * ref_noise) * sd.latent_scale
         x_t = schedule.add_noise(x0, noise, t)
         context = text(batch["prompt"])
         ref_context = text([c for cs in batch["concepts"] for c in cs]).unflatten(0, (b, k))
