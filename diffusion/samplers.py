@@ -9,7 +9,8 @@
 Every step equals diffusers' scheduler of the same method built from SD v1.5's scheduler config ("leading"
 timestep spacing with steps_offset 1, set_alpha_to_one False, epsilon prediction), including its timesteps and
 the order in which stochastic samplers draw noise. A sampler holds the multistep state of one generation: make a
-fresh one for each.
+fresh one for each. Samplers take noise predictions: a v-prediction model's output goes through
+`NoiseSchedule.to_eps(output, model input, t)` first, as `diffusion.sd15.text_to_image` does.
 
 PNDM, DDIM and DPM-Solver work on the variance-preserving x_t = sqrt(acp_t) x_0 + sqrt(1 - acp_t) eps. The Euler
 samplers integrate in sigma = sqrt((1 - acp_t) / acp_t) on x_t / sqrt(acp_t) = x_0 + sigma eps (Karras et al. 2022),

@@ -55,7 +55,8 @@ def load_configs(path: str | Path) -> dict:
     """Model configs from a JSON file {"unet": {...}, "vae": {...}, "text_encoder": {...}} (LDM names
     for unet/vae, transformers names for the text encoder); any part may be left out. `"vae": "pixel"`
     means no autoencoder: the model diffuses pixels (the tiny training preset); `"schedule"`
-    ({"beta_start", "beta_end", "num_train_timesteps"}) replaces SD's noise schedule."""
+    ({"beta_start", "beta_end", "num_train_timesteps", "prediction"}) replaces SD's noise schedule
+    and says what the U-Net predicts."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -138,13 +139,15 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
         model_in = s.scale_model_input(x, i)
         if ref_guidance is not None:
             e_null, e_ref, e_full = model(torch.cat([model_in] * 3), t.to(sd.device), context, ref_drop=drop).chunk(3)
-            eps = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
+            out = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
         elif use_cfg:
             eps_uncond, eps_text = model(torch.cat([model_in] * 2), t.to(sd.device), context).chunk(2)
-            eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            out = eps_uncond + guidance * (eps_text - eps_uncond)
         else:
-            eps = model(model_in, t.to(sd.device), context)
-        x = s.step(eps, i, x, generator=generator)
+            out = model(model_in, t.to(sd.device), context)
+        # A v model's output becomes eps after guidance: the conversion is affine with weights summing
+        # to 1, so guiding v or eps is the same.
+        x = s.step(sd.schedule.to_eps(out, model_in, t), i, x, generator=generator)
         if progress:
             progress(i + 1, len(s.timesteps))
     image = sd.vae.decode(x / sd.latent_scale)

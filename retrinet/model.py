@@ -37,7 +37,7 @@ class ReferenceCrossAttention(nn.Module):
     reference at the same site (Sec. 5.1). Both sides are group-normalised; multi-head; the one
     attention function with a key-padding mask for absent references."""
 
-    def __init__(self, channels: int, heads: int, null_reference: bool = False):
+    def __init__(self, channels: int, heads: int, null_reference: bool = False, groups: int = 32):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by {heads} heads")
@@ -45,8 +45,8 @@ class ReferenceCrossAttention(nn.Module):
         # The learned null reference (DESIGN.md section 5, `ref_drop`): one normalised key/value
         # token that replaces all references of a sample whose references were dropped.
         self.null = nn.Parameter(torch.randn(channels) * channels ** -0.5) if null_reference else None
-        self.norm_q = nn.GroupNorm(32, channels, eps=1e-6)
-        self.norm_kv = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm_q = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm_kv = nn.GroupNorm(groups, channels, eps=1e-6)
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_k = nn.Linear(channels, channels, bias=False)
         self.to_v = nn.Linear(channels, channels, bias=False)
@@ -93,7 +93,8 @@ class RetriNet(nn.Module):
         super().__init__()
         self.encoder = UNetEncoder(unet_cfg)
         sites = self.encoder.skip_channels + [self.encoder.middle_channels]
-        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference) for c in sites)
+        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference, unet_cfg.norm_groups)
+                                        for c in sites)
         self.null_reference = null_reference
         self.zero_convs = nn.ModuleList(zero_(nn.Conv2d(c, c, 1)) for c in sites)
         self.heads = heads
@@ -332,7 +333,9 @@ def base_config_mismatch(meta: dict, cfg: UNetConfig) -> dict:
     """{field: (checkpoint's value, cfg's value)} where a RetriNet checkpoint's base U-Net config
     (from `read_metadata`) differs from `cfg`; empty when they agree."""
     expected = json.loads(json.dumps(cfg.__dict__, default=list))
-    return {k: (meta["unet_config"].get(k), v) for k, v in expected.items() if meta["unet_config"].get(k) != v}
+    defaults = json.loads(json.dumps(UNetConfig().__dict__, default=list))  # fields newer than the file
+    saved = {k: meta["unet_config"].get(k, defaults[k]) for k in expected}
+    return {k: (saved[k], v) for k, v in expected.items() if saved[k] != v}
 
 
 def read_metadata(path: str | Path) -> dict:

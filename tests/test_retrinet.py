@@ -200,3 +200,31 @@ def test_references_of_mixed_sizes():
         assert rel_err(masked, alone) <= 1e-5
     with pytest.raises(ValueError, match="a list of refs must hold K >= 1 tensors"):
         model(x, t, ctx, [face[:1]], ref_ctx[:, :1])
+
+
+def test_norm_groups_reach_the_cross_attention_and_old_files_still_load(tmp_path):
+    """`norm_groups` sets every GroupNorm of the base and of RetriNet; a checkpoint written before
+    the field existed (no `norm_groups` in its metadata) means LDM's 32 and loads."""
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    cfg8 = dataclasses.replace(CFG, norm_groups=8)
+    model = _trained_like(RetriUNet(randomize_(UNet(cfg8).eval(), seed=0)))
+    groups = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+    model.save(tmp_path / "g8.safetensors")
+    with pytest.raises(CheckpointError, match=r"another base U-Net; .*norm_groups.*\(8, 32\)"):
+        RetriUNet.load(tmp_path / "g8.safetensors", _unet())
+    old = _trained_like(RetriUNet(_unet()))
+    old.save(tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["retrinet"])
+    del info["unet_config"]["norm_groups"]
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={**meta, "retrinet": json.dumps(info)})
+    x, t, ctx, refs, ref_ctx = _inputs()
+    with torch.no_grad():
+        assert torch.equal(RetriUNet.load(tmp_path / "old.safetensors", _unet()).eval()(x, t, ctx, refs, ref_ctx),
+                           old.eval()(x, t, ctx, refs, ref_ctx))

@@ -199,6 +199,40 @@ def sd15_args(data, out, weights_and_config, *extra):
             "--val-count", "1", "--val-steps", "2", *map(str, extra)]
 
 
+class _Recorder(torch.nn.Module):
+    """A stand-in denoiser that records its input and answers 0.3 x_t."""
+
+    def __init__(self):
+        super().__init__()
+        self.retrinet = type("R", (), {"null_reference": False})()
+
+    def forward(self, x_t, t, *args, **kwargs):
+        self.x_t, self.t = x_t, t
+        return 0.3 * x_t
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_loss_is_eq3_against_the_schedules_target(data, prediction):
+    """Eq. 3 by hand from what the denoiser was given: the noise is recovered from x_t and the pixels
+    (the tiny preset's pixel space), the target is eps or v = sqrt(acp) eps - sqrt(1 - acp) x_0, and
+    the masked, face-weighted mean is taken per sample, then over the batch."""
+    from retrinet.training import build_tiny
+    sd, model = build_tiny(0), _Recorder()
+    schedule = NoiseSchedule(beta_end=0.03, prediction=prediction)
+    ds = RetriBooruDataset(data, resolution=16, k=2, ref_resolution=8)
+    batch, epoch = next(BatchStream(ds, 3, rank=0, world=1, seed=0, workers=0, pin_memory=False))
+    loss = diffusion_loss(model, sd, schedule, Conditioning(sd), batch, epoch=epoch, seed=0, face_weight=0.7,
+                          ref_drop=0.0)
+    x0 = batch["image"].double()
+    acp = schedule.alphas_cumprod.double()[model.t][:, None, None, None]
+    eps = (model.x_t.double() - acp.sqrt() * x0) / (1 - acp).sqrt()
+    target = eps if prediction == "epsilon" else acp.sqrt() * eps - (1 - acp).sqrt() * x0
+    valid, face = batch["valid"].double(), batch["face"].double()
+    err = (0.3 * model.x_t.double() - target).pow(2).mean(1, keepdim=True) * valid * (1 + 0.7 * face)
+    expected = (err.sum((1, 2, 3)) / valid.sum((1, 2, 3))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 TRAINABLE = {"none": ("retrinet.", "unet.output_blocks.", "unet.out."), "decoder": ("retrinet.",),
              "both": ("retrinet.cross_attn.", "retrinet.zero_convs.")}
 

@@ -38,6 +38,7 @@ def diffusers_twin(ours: UNet, cfg: UNetConfig) -> UNet2DConditionModel:
     """A diffusers UNet holding our weights, routed through diffusers' own LDM converter."""
     ckpt = {PREFIX + k: v for k, v in ours.state_dict().items()}
     dcfg = create_unet_diffusers_config_from_ldm(ldm_yaml(cfg), ckpt)
+    dcfg["norm_num_groups"] = cfg.norm_groups  # not an LDM yaml field: LDM always uses 32
     converted = convert_ldm_unet_checkpoint(ckpt, dcfg)
     ref = UNet2DConditionModel(**dcfg).eval()
     ref.load_state_dict(converted, strict=True)
@@ -75,6 +76,10 @@ def test_sd15_key_set_converts_cleanly():
     # 3 res blocks, no attention at the highest resolution, sizes not divisible by 2^levels
     (UNetConfig(model_channels=32, attention_resolutions=(2,), num_res_blocks=3, channel_mult=(1, 2), num_heads=2,
                 context_dim=24, in_channels=5, out_channels=3), (13, 19)),
+    # the tiny training preset's shape with 8 GroupNorm groups (4 channels each) instead of LDM's 32
+    (UNetConfig(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=(4,), num_res_blocks=1,
+                channel_mult=(1, 1, 2), num_heads=2, context_dim=64, use_linear_in_transformer=True, norm_groups=8),
+     (24, 24)),
 ])
 def test_parity_with_diffusers(cfg, size):
     torch.manual_seed(0)

@@ -77,6 +77,7 @@ def test_sd15_config_from_diffusers_config():
          "in_channels": 4, "layers_per_block": 2, "out_channels": 4, "use_linear_projection": False,
          "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
     assert config_from_diffusers(d) == UNetConfig.sd15()
+    assert config_from_diffusers({**d, "norm_num_groups": 16}).norm_groups == 16
 
 
 def test_half_precision(tmp_path, small):

@@ -78,7 +78,7 @@ def config_from_diffusers(d: dict) -> UNetConfig:
                       transformer_depth=depth if isinstance(depth, int) else tuple(depth),
                       context_dim=d.get("cross_attention_dim", 768),
                       use_linear_in_transformer=d.get("use_linear_projection", False),
-                      num_head_channels=num_head_channels)
+                      num_head_channels=num_head_channels, norm_groups=d.get("norm_num_groups", 32))
 
 
 PART = SDPart(name="U-Net", subfolder="unet", sd_prefix=SD_UNET_PREFIX, diffusers_layout="diffusers-unet",

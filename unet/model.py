@@ -47,6 +47,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     num_head_channels: int = -1
     dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm groups everywhere (LDM: always 32; diffusers' norm_num_groups)
 
     def __post_init__(self):
         # Lists from a yaml / json become tuples; resolutions are a set, kept in LDM's descending order.
@@ -97,14 +98,14 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, add the timestep embedding, GroupNorm-SiLU-dropout-conv, plus a skip
     (1x1 conv when the channel count changes)."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         # In-place SiLU after a norm and in-place adds on fresh conv outputs: the same arithmetic with
         # fewer large allocations. (Not in emb_layers: the embedding is shared by every block.)
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(inplace=True),
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(inplace=True),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(inplace=True), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(inplace=True), nn.Dropout(dropout),
                                         zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -187,10 +188,10 @@ class SpatialTransformer(nn.Module):
     Projections are 1x1 convs (SD 1.x) or linear layers (`use_linear`, SD 2)."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 use_linear: bool = False, dropout: float = 0.0):
+                 use_linear: bool = False, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
@@ -253,7 +254,7 @@ class TimestepEmbedSequential(nn.Sequential):
 def _transformer(cfg: UNetConfig, ch: int, level: int) -> SpatialTransformer:
     heads, dim_head = cfg.heads_and_dim(ch)
     return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim, cfg.use_linear_in_transformer,
-                              cfg.dropout)
+                              cfg.dropout, cfg.norm_groups)
 
 
 class UNetEncoder(nn.Module):
@@ -271,7 +272,7 @@ class UNetEncoder(nn.Module):
         self.skip_channels, ch, ds = [mc], mc, 1  # channels of the 12 skips (input-block outputs)
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
+                layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout, cfg.norm_groups)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(_transformer(cfg, ch, level))
@@ -282,9 +283,9 @@ class UNetEncoder(nn.Module):
                 self.skip_channels.append(ch)
                 ds *= 2
         self.middle_channels = ch
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout),
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups),
                                                     _transformer(cfg, ch, len(cfg.channel_mult) - 1),
-                                                    ResBlock(ch, emb_dim, ch, cfg.dropout))
+                                                    ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
 
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
         """Set every attention layer's fp32 upcast and/or query chunk size (None = no chunking)."""
@@ -328,7 +329,7 @@ class UNet(UNetEncoder):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, cfg.dropout)]
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, cfg.dropout, cfg.norm_groups)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(_transformer(cfg, ch, level))
@@ -336,7 +337,7 @@ class UNet(UNetEncoder):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(inplace=True), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(inplace=True), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 
     # -- the decoder half and the whole forward pass ---------------------------------------------
     def decode(self, skips, middle, emb, context, context_mask=None, skip_residuals=None, middle_residual=None):
