@@ -302,7 +302,10 @@ def initial_frames(a, bg: Background) -> list[Frame]:
         return [Frame(cx, top - 0.5 * k * h / 25.5, k * h / 25.5, portrait=True)
                 for k in (0.62, 0.72, 0.82)]
     top0, bot0 = ys.min(), ys.max() + 1
-    cx = float(np.median(xs[ys + 0.5 > top0 + 0.62 * (bot0 - top0)] + 0.5))
+    lower = xs[ys + 0.5 > top0 + 0.62 * (bot0 - top0)]
+    if lower.size == 0:  # no lower body (a generated image may be anything)
+        return []
+    cx = float(np.median(lower + 0.5))
     central = ys[np.abs(xs + 0.5 - cx) <= max(1.0, 0.07 * w)]
     if central.size == 0:  # no figure-like column (a generated image may be anything)
         return []

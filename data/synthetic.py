@@ -365,12 +365,13 @@ def draw_figure(cv: _Canvas, ident: Identity, pose: Pose, size: int) -> tuple[in
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
-def _background(rng: np.random.Generator, side: int, plain_white: bool) -> tuple[Image.Image, str]:
-    """A flat, gradient or shapes background at canvas size, and its tag."""
-    if plain_white:
+def _background(rng: np.random.Generator, side: int, plain_white: bool,
+                backgrounds: str = "mixed") -> tuple[Image.Image, str]:
+    """A flat, gradient or shapes background at canvas size ("mixed"; "flat": always flat), and its tag."""
+    if plain_white or backgrounds == "white":
         return Image.new("RGB", (side, side), (255, 255, 255)), "white_background"
     base = tuple(int(v) for v in rng.integers(150, 256, 3))
-    kind = rng.choice(["flat", "gradient", "shapes"])
+    kind = "flat" if backgrounds == "flat" else rng.choice(["flat", "gradient", "shapes"])
     if kind == "flat":
         return Image.new("RGB", (side, side), base), "simple_background"
     if kind == "gradient":
@@ -419,10 +420,10 @@ def pose_tags(pose: Pose, close_up: bool) -> list[str]:
 
 
 def render(ident: Identity, size: int, rng: np.random.Generator, *, close_up: bool = False,
-           mono: Optional[str] = None, second: Optional[Identity] = None):
+           mono: Optional[str] = None, second: Optional[Identity] = None, backgrounds: str = "mixed"):
     """Draw one image. Returns (rgb, mask, face_box, pose and background tags)."""
     side = size * SUPERSAMPLE
-    bg, bg_tag = _background(rng, side, plain_white=(mono == "sketch"))
+    bg, bg_tag = _background(rng, side, plain_white=(mono == "sketch"), backgrounds=backgrounds)
     cv = _Canvas(bg)
     if second is None:
         pose = _random_pose(rng, size, close_up)
@@ -458,7 +459,12 @@ def _vqa_answer(of: Outfit, rng: np.random.Generator, error_rate: float) -> str:
     return f"{top} and {bottom}"
 
 
-def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction):
+BACKGROUNDS = ("mixed", "flat", "white")
+
+
+def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds="mixed"):
+    if backgrounds not in BACKGROUNDS:
+        raise ValueError(f"backgrounds must be one of {BACKGROUNDS}, got {backgrounds!r}")
     if identities < 1:
         raise ValueError(f"identities must be >= 1, got {identities}")
     if images_per_identity < 2:
@@ -482,14 +488,14 @@ def _write_jsonl(path: Path, rows) -> None:
 
 def generate(out: Path, identities: int, images_per_identity: int, size: int, seed: int,
              vqa_error_rate: float = 0.0, noise_fraction: float = 0.1,
-             progress: Optional[Callable[[int, int], None]] = None) -> dict:
+             progress: Optional[Callable[[int, int], None]] = None, backgrounds: str = "mixed") -> dict:
     """Write the synthetic dataset under ``out`` and return summary counts.
 
     ``identities * images_per_identity`` clean images plus ``round(noise_fraction * clean)`` noise
     images (cycling monochrome/sketch/greyscale, two characters, no clothing tags). Image ids are
     assigned in a seed-dependent random order; ``progress(done, total)`` is called per image.
     """
-    _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction)
+    _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds)
     out = Path(out)
     for sub in ("images", "masks", "raw"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -521,7 +527,7 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
             others = [j for j, o in enumerate(idents) if o.character != ident.character]
             second = idents[others[int(rng.integers(len(others)))]] if others else ident
         rgb, mask, face, extra = render(ident, size, rng, close_up=close_up, mono=mono,
-                                        second=second)
+                                        second=second, backgrounds=backgrounds)
         rgb.save(out / "images" / f"{iid}.png")
         mask.save(out / "masks" / f"{iid}.png")
 
@@ -587,10 +593,12 @@ def main(argv=None) -> int:
                    help="probability that a VQA answer is corrupted (default 0)")
     p.add_argument("--noise-fraction", type=float, default=0.1,
                    help="extra noise images as a fraction of the clean ones (default 0.1)")
+    p.add_argument("--backgrounds", choices=BACKGROUNDS, default="mixed",
+                   help="mixed: flat, gradient or shapes (default); flat: one random colour; white")
     args = p.parse_args(argv)
     try:
         _check_args(args.identities, args.images_per_identity, args.size, args.seed,
-                    args.vqa_error_rate, args.noise_fraction)
+                    args.vqa_error_rate, args.noise_fraction, args.backgrounds)
     except ValueError as e:
         p.error(str(e))
     start = time.perf_counter()
@@ -601,7 +609,7 @@ def main(argv=None) -> int:
                   end="\n" if done == total else "", file=sys.stderr, flush=True)
 
     summary = generate(args.out, args.identities, args.images_per_identity, args.size, args.seed,
-                       args.vqa_error_rate, args.noise_fraction, progress=progress)
+                       args.vqa_error_rate, args.noise_fraction, progress=progress, backgrounds=args.backgrounds)
     print(json.dumps(summary), file=sys.stderr)
     return 0
 

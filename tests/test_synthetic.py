@@ -200,3 +200,36 @@ def test_cli(tmp_path):
                "--identities", "3", "--images-per-identity", "1", "--size", "48", "--seed", "1"]
     bad = subprocess.run(bad_cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "images-per-identity must be >= 2" in bad.stderr
+
+
+@pytest.mark.parametrize("backgrounds,tag", [("flat", "simple_background"), ("white", "white_background")])
+def test_plain_backgrounds(tmp_path, backgrounds, tag):
+    """`backgrounds="flat"`: one colour per image (its border is one colour wherever the figure does
+    not reach it), tagged simple_background; "white": white, tagged white_background. The mixed
+    default draws its gradients and shapes too."""
+    generate(tmp_path / backgrounds, 4, 3, 48, 5, noise_fraction=0.0, backgrounds=backgrounds)
+    records = read_jsonl(tmp_path / backgrounds / "annotations.jsonl")
+    for rec in records:
+        assert tag in rec["tags"]
+        rgb = np.asarray(Image.open(tmp_path / backgrounds / rec["image"]).convert("RGB")).astype(int)
+        mask = np.asarray(Image.open(tmp_path / backgrounds / rec["mask"])) > 0
+        border = np.zeros(mask.shape, bool)
+        border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
+        free = rgb[border & ~_dilate(mask, 3)]
+        assert len(free) > 50
+        assert np.ptp(free, axis=0).max() <= 2
+        if backgrounds == "white":
+            assert free.min() >= 253
+    generate(tmp_path / "mixed", 4, 3, 48, 5, noise_fraction=0.0)
+    tags = {t for r in read_jsonl(tmp_path / "mixed" / "annotations.jsonl") for t in r["tags"]}
+    assert {"gradient_background", "abstract_background"} & tags
+    with pytest.raises(ValueError, match="backgrounds"):
+        generate(tmp_path / "bad", 2, 2, SIZE, 0, backgrounds="stripes")
+
+
+def _dilate(mask, r):
+    out = mask.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out

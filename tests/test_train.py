@@ -324,5 +324,9 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     assert report["steps"] == 2 and report["samples"] == 6 and report["heldout_identities"] == 3
     assert set(report["generated"]) == {"exact", "hair", "top", "bottom"}
     assert 0 <= report["chance"]["exact"] <= 1 and report["real_images"]["exact"] > 0
+    effect = report["reference_effect_x0_rmse"]
+    assert set(effect) == {"300", "500", "700"} and all(set(r) == {"own", "mismatched", "null"} and
+                                                        all(v > 0 for v in r.values()) for r in effect.values())
+    assert report["backgrounds"] == "flat"
     assert (out / "heldout-samples.png").is_file() and (out / "report.md").is_file()
     assert (out / "run" / "checkpoints" / "step-000002" / "retrinet.safetensors").is_file()
