@@ -1,7 +1,7 @@
 """Benchmark: whole training steps of train.py (data loading, VAE and text encoding, RetriUNet forward
 and backward, AdamW), timed through the same functions the training loop calls.
 
-    .venv/bin/python bench/train.py                            # tiny preset on the CPU: steps/s, samples/s
+    .venv/bin/python bench/train.py [--precision bf16]         # tiny preset on the CPU: steps/s, samples/s
     .venv/bin/python bench/train.py --preset sd15 --device cuda [--lock decoder]
         # SD v1.5 size with random weights (none can be downloaded here), 384 px, K = 2, batch 1,
         # fp16 autocast + GradScaler, gradient checkpointing: samples/s, peak memory, parameter
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--gpu", default="H100", help=f"peak table entry: {', '.join(PEAK_TFLOPS)}")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="tiny preset: autocast dtype")
     a = ap.parse_args()
     device = torch.device(a.device)
     tmp = tempfile.TemporaryDirectory()
@@ -65,10 +66,12 @@ def main():
         generate(data, identities=16, images_per_identity=4, size=size, seed=0, noise_fraction=0.0)
 
     if a.preset == "tiny":
-        args = train.parse_args(["--preset", "tiny", "--data", str(data), "--out", tmp.name, "--device", a.device])
+        args = train.parse_args(["--preset", "tiny", "--data", str(data), "--out", tmp.name, "--device", a.device,
+                                 "--precision", a.precision])
         assert not train.check_args(args)
         sd, model = train.build(args, device, 1, Path(tmp.name))
-        amp, scaler = torch.autocast(device.type, enabled=False), torch.amp.GradScaler(enabled=False)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+        scaler = torch.amp.GradScaler(enabled=False)
     else:
         if device.type != "cuda":
             sys.exit("bench/train.py: --preset sd15 measures the GPU recipe (fp16); use --device cuda")
@@ -113,7 +116,7 @@ def main():
     n_all = sum(p.numel() for p in model.parameters()) + sum(p.numel() for m in (sd.vae, sd.text_encoder)
                                                             for p in m.parameters())
     n_train = sum(p.numel() for p in params)
-    print(f"preset {a.preset}, lock {args.lock}, {device}, {args.resolution} px, K = {args.refs}, "
+    print(f"preset {a.preset}, lock {args.lock}, {device}, {args.precision}, {args.resolution} px, K = {args.refs}, "
           f"batch {args.batch_size}, threads {torch.get_num_threads()}")
     print(f"parameters: {n_all / 1e6:.1f} M in all, {n_train / 1e6:.1f} M trainable "
           f"(fp32 weights + grads + AdamW state: {16 * n_train / 2**30:.2f} GiB)")

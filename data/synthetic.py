@@ -394,8 +394,10 @@ def _background(rng: np.random.Generator, side: int, plain_white: bool,
 
 
 def _random_pose(rng: np.random.Generator, size: int, close_up: bool,
-                 slot: Optional[tuple[float, float]] = None) -> Pose:
-    """Pose and placement. ``slot`` = (x range start, end) as image fractions for two-figure images."""
+                 slot: Optional[tuple[float, float]] = None,
+                 figure_scale: tuple[float, float] = (0.5, 0.85)) -> Pose:
+    """Pose and placement. ``slot`` = (x range start, end) as image fractions for two-figure images;
+    a full figure is ``figure_scale`` (a uniform range) of the image high."""
     facing = 1 if rng.random() < 0.5 else -1
     arms = (float(rng.uniform(5, 160)), float(rng.uniform(5, 160)))
     legs = float(rng.uniform(2, 22))
@@ -405,7 +407,7 @@ def _random_pose(rng: np.random.Generator, size: int, close_up: bool,
         return Pose(float(rng.uniform(0.35, 0.65) * size), head_top - 0.5 * scale, scale,
                     facing, arms, legs)
     lo, hi = slot if slot else (0.0, 1.0)
-    scale = rng.uniform(0.5, 0.85) * size / 106 * (0.8 if slot else 1.0)
+    scale = rng.uniform(*figure_scale) * size / 106 * (0.8 if slot else 1.0)
     y_min, y_max = 0.03 * size + 8 * scale, 0.97 * size - 99 * scale
     cx = size * (lo + (hi - lo) * rng.uniform(0.3, 0.7))
     return Pose(float(cx), float(rng.uniform(y_min, max(y_min, y_max))), float(scale),
@@ -420,13 +422,14 @@ def pose_tags(pose: Pose, close_up: bool) -> list[str]:
 
 
 def render(ident: Identity, size: int, rng: np.random.Generator, *, close_up: bool = False,
-           mono: Optional[str] = None, second: Optional[Identity] = None, backgrounds: str = "mixed"):
+           mono: Optional[str] = None, second: Optional[Identity] = None, backgrounds: str = "mixed",
+           figure_scale: tuple[float, float] = (0.5, 0.85)):
     """Draw one image. Returns (rgb, mask, face_box, pose and background tags)."""
     side = size * SUPERSAMPLE
     bg, bg_tag = _background(rng, side, plain_white=(mono == "sketch"), backgrounds=backgrounds)
     cv = _Canvas(bg)
     if second is None:
-        pose = _random_pose(rng, size, close_up)
+        pose = _random_pose(rng, size, close_up, figure_scale=figure_scale)
         face = draw_figure(cv, ident, pose, size)
         tags = pose_tags(pose, close_up)
     else:
@@ -462,7 +465,10 @@ def _vqa_answer(of: Outfit, rng: np.random.Generator, error_rate: float) -> str:
 BACKGROUNDS = ("mixed", "flat", "white")
 
 
-def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds="mixed"):
+def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds="mixed",
+                figure_scale=(0.5, 0.85)):
+    if not 0.2 <= figure_scale[0] <= figure_scale[1] <= 0.95:
+        raise ValueError(f"figure-scale must be 0.2 <= low <= high <= 0.95, got {tuple(figure_scale)}")
     if backgrounds not in BACKGROUNDS:
         raise ValueError(f"backgrounds must be one of {BACKGROUNDS}, got {backgrounds!r}")
     if identities < 1:
@@ -488,14 +494,15 @@ def _write_jsonl(path: Path, rows) -> None:
 
 def generate(out: Path, identities: int, images_per_identity: int, size: int, seed: int,
              vqa_error_rate: float = 0.0, noise_fraction: float = 0.1,
-             progress: Optional[Callable[[int, int], None]] = None, backgrounds: str = "mixed") -> dict:
+             progress: Optional[Callable[[int, int], None]] = None, backgrounds: str = "mixed",
+             figure_scale: tuple[float, float] = (0.5, 0.85)) -> dict:
     """Write the synthetic dataset under ``out`` and return summary counts.
 
     ``identities * images_per_identity`` clean images plus ``round(noise_fraction * clean)`` noise
     images (cycling monochrome/sketch/greyscale, two characters, no clothing tags). Image ids are
     assigned in a seed-dependent random order; ``progress(done, total)`` is called per image.
     """
-    _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds)
+    _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds, figure_scale)
     out = Path(out)
     for sub in ("images", "masks", "raw"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -527,7 +534,7 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
             others = [j for j, o in enumerate(idents) if o.character != ident.character]
             second = idents[others[int(rng.integers(len(others)))]] if others else ident
         rgb, mask, face, extra = render(ident, size, rng, close_up=close_up, mono=mono,
-                                        second=second, backgrounds=backgrounds)
+                                        second=second, backgrounds=backgrounds, figure_scale=figure_scale)
         rgb.save(out / "images" / f"{iid}.png")
         mask.save(out / "masks" / f"{iid}.png")
 
@@ -595,10 +602,12 @@ def main(argv=None) -> int:
                    help="extra noise images as a fraction of the clean ones (default 0.1)")
     p.add_argument("--backgrounds", choices=BACKGROUNDS, default="mixed",
                    help="mixed: flat, gradient or shapes (default); flat: one random colour; white")
+    p.add_argument("--figure-scale", type=float, nargs=2, default=(0.5, 0.85), metavar=("LOW", "HIGH"),
+                   help="height of a full figure as a fraction of the image, drawn uniformly (default 0.5 0.85)")
     args = p.parse_args(argv)
     try:
         _check_args(args.identities, args.images_per_identity, args.size, args.seed,
-                    args.vqa_error_rate, args.noise_fraction, args.backgrounds)
+                    args.vqa_error_rate, args.noise_fraction, args.backgrounds, tuple(args.figure_scale))
     except ValueError as e:
         p.error(str(e))
     start = time.perf_counter()
@@ -609,7 +618,8 @@ def main(argv=None) -> int:
                   end="\n" if done == total else "", file=sys.stderr, flush=True)
 
     summary = generate(args.out, args.identities, args.images_per_identity, args.size, args.seed,
-                       args.vqa_error_rate, args.noise_fraction, progress=progress, backgrounds=args.backgrounds)
+                       args.vqa_error_rate, args.noise_fraction, progress=progress, backgrounds=args.backgrounds,
+                       figure_scale=tuple(args.figure_scale))
     print(json.dumps(summary), file=sys.stderr)
     return 0
 

@@ -2,8 +2,8 @@
 
     python -m retrinet.demo --out demo-output
 
-1. Generates a synthetic RetriBooru dataset (data.synthetic, one flat background colour per image by
-   default) for training and a second one whose identities the model never sees (another seed).
+1. Generates a synthetic RetriBooru dataset (data.synthetic; by default one flat background colour
+   per image and figures 80-95% of the image high) for training and a second one whose identities the model never sees (another seed).
 2. Trains the tiny preset (train.py --preset tiny: SD's architecture shrunk, pixel space, 24 px,
    v-prediction, with 10% reference dropout for reference guidance) for a bounded time, the cosine
    learning-rate schedule running once over the step budget.
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = dict(identities=96, images_per_identity=8, heldout=16, size=48, backgrounds="flat", steps=1300,
+DEFAULTS = dict(identities=96, images_per_identity=8, heldout=16, size=48, backgrounds="flat",
+                figure_scale=(0.8, 0.95), steps=1300,
                 minutes=10.0, samples=4, sample_steps=25, ref_guidance=3.0)
 
 
@@ -36,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backgrounds", choices=["mixed", "flat", "white"], default=DEFAULTS["backgrounds"],
                     help="data.synthetic backgrounds: one colour per image by default, so that a model trained "
                          "for minutes spends itself on the figures")
+    ap.add_argument("--figure-scale", type=float, nargs=2, default=DEFAULTS["figure_scale"], metavar=("LOW", "HIGH"),
+                    help="full-figure height as a fraction of the image (data.synthetic's default: 0.5 0.85); "
+                         "large figures give the references more to say and the scorer more pixels")
     ap.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps (batch 32)")
     ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"], help="training time limit")
     ap.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per held-out identity")
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
         if not (root / "annotations.jsonl").is_file():
             print(f"generating {root.name}: {n} identities x {per} images, {args.backgrounds} backgrounds", file=sys.stderr)
             generate(root, identities=n, images_per_identity=per, size=args.size, seed=seed, noise_fraction=0.0,
-                     backgrounds=args.backgrounds)
+                     backgrounds=args.backgrounds, figure_scale=tuple(args.figure_scale))
 
     t_train = time.perf_counter()
     # The cosine schedule runs once over the step budget, so the learning rate ends near 0.
@@ -193,6 +197,7 @@ def main(argv=None) -> int:
               "real_images": {k: ceiling[k] for k in keys}, "samples": len(images),
               "heldout_identities": len(heldout), "training_identities": len(train_ids),
               "heldout_colour_triples_seen_in_training": overlap, "steps": steps, "backgrounds": args.backgrounds,
+              "figure_scale": list(args.figure_scale),
               "training_minutes": round(train_minutes, 2), "total_minutes": round((time.perf_counter() - start) / 60, 2),
               "reference_effect_x0_rmse": effect, "checkpoint": str(ckpt), "sampling": {"sampler": "ddim", "steps": args.sample_steps, "prompt": "",
                                                       "ref_guidance": args.ref_guidance, "samples": args.samples}}
@@ -203,7 +208,8 @@ def main(argv=None) -> int:
     effect_rows = "\n".join(f"| {t} | {r['own']} | {r['mismatched']} | {r.get('null', '-')} |" for t, r in effect.items())
     (out / "report.md").write_text(f"""# RetriNet demo report
 
-Tiny preset trained for {steps} steps ({train_minutes:.1f} min) on {len(train_ids)} synthetic identities ({args.backgrounds} backgrounds);
+Tiny preset trained for {steps} steps ({train_minutes:.1f} min) on {len(train_ids)} synthetic identities ({args.backgrounds} backgrounds, figures
+{args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high);
 sampled {args.samples} images for each of {len(heldout)} identities it never saw, from two reference images,
 without a prompt (DDIM {args.sample_steps}, reference guidance {args.ref_guidance}). Scores: the fraction of
 samples whose dominant colours equal the reference identity's (data.identity_score); chance: the same

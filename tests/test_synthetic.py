@@ -233,3 +233,23 @@ def _dilate(mask, r):
         for dx in range(-r, r + 1):
             out |= np.roll(np.roll(mask, dy, 0), dx, 1)
     return out
+
+
+def test_figure_scale(tmp_path):
+    """A full figure (not a close-up) spans `figure_scale` of the image height (its mask, hat and
+    shoes included); the default range reaches well below the large one."""
+    def heights(root):
+        out = []
+        for rec in read_jsonl(root / "annotations.jsonl"):
+            if "portrait" in rec["tags"]:
+                continue
+            rows = np.nonzero((np.asarray(Image.open(root / rec["mask"])) > 0).any(axis=1))[0]
+            out.append((rows.max() - rows.min() + 1) / 48)
+        return out
+    generate(tmp_path / "big", 4, 4, 48, 3, noise_fraction=0.0, figure_scale=(0.8, 0.95))
+    generate(tmp_path / "default", 4, 4, 48, 3, noise_fraction=0.0)
+    big, default = heights(tmp_path / "big"), heights(tmp_path / "default")
+    assert len(big) >= 10 and min(big) >= 0.75 and max(big) <= 1.0
+    assert min(default) < 0.7
+    with pytest.raises(ValueError, match="figure-scale"):
+        generate(tmp_path / "bad", 2, 2, SIZE, 0, figure_scale=(0.9, 0.5))

@@ -327,6 +327,6 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     effect = report["reference_effect_x0_rmse"]
     assert set(effect) == {"300", "500", "700"} and all(set(r) == {"own", "mismatched", "null"} and
                                                         all(v > 0 for v in r.values()) for r in effect.values())
-    assert report["backgrounds"] == "flat"
+    assert report["backgrounds"] == "flat" and report["figure_scale"] == [0.8, 0.95]
     assert (out / "heldout-samples.png").is_file() and (out / "report.md").is_file()
     assert (out / "run" / "checkpoints" / "step-000002" / "retrinet.safetensors").is_file()
