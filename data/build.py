@@ -35,6 +35,8 @@ from itertools import combinations
 
 from PIL import Image, ImageDraw, ImageFont
 
+from common.jsonl import read_objects
+
 DEFAULT_DROP_TAGS = (
     "monochrome", "greyscale", "grayscale", "sketch", "comic", "lineart", "text_only_page",
     "4koma", "2koma", "manga", "partially_colored", "spot_color", "doujin_cover", "cover_page",
@@ -74,25 +76,11 @@ class BuildError(ValueError):
 
 def _read_jsonl(path, required):
     """Yield (line_number, object) for each non-blank line; errors name file and line."""
-    path = os.fspath(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise BuildError(f"{path}: cannot open: {e.strerror or e}") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BuildError(f"{path}:{n}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise BuildError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in required if k not in obj]
-            if missing:
-                raise BuildError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-            yield n, obj
+    for n, obj in read_objects(path, BuildError):
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise BuildError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        yield n, obj
 
 
 def _check_str_list(obj, key, path, n):

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.jsonl import read_objects
+
 
 class ManifestError(ValueError):
     """A manifest or answers file that cannot be read as specified."""
@@ -39,24 +41,6 @@ class Generation:
 def resolve(base: Path, p: str) -> Path:
     """`p` relative to folder `base` (or absolute), normalised without following links."""
     return Path(os.path.abspath(Path(base) / p))
-
-
-def _lines(path: Path):
-    """(line number, JSON object) of each non-blank line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read it ({e})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{n}: malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise ManifestError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        yield n, obj
 
 
 def _check(obj: dict, spec: dict, where: str) -> None:
@@ -99,7 +83,7 @@ def read_manifest(path: str | Path) -> list[Generation]:
     (and on an image listed twice)."""
     path = Path(path)
     out, seen = [], {}
-    for n, obj in _lines(path):
+    for n, obj in read_objects(path, ManifestError):
         where = f"{path}:{n}"
         _check(obj, MANIFEST_FIELDS, where)
         image = resolve(path.parent, obj["image"])
@@ -129,7 +113,7 @@ def read_vqa(path: str | Path, answers: dict | None = None) -> dict[Path, dict[s
     asked twice of one image must have the same answer."""
     path = Path(path)
     answers = {} if answers is None else answers
-    for n, obj in _lines(path):
+    for n, obj in read_objects(path, ManifestError):
         where = f"{path}:{n}"
         _check(obj, VQA_FIELDS, where)
         per_image = answers.setdefault(resolve(path.parent, obj["image"]), {})

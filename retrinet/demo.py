@@ -59,16 +59,21 @@ def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
             for key, ident in sorted(load_identities(root).items()) if len(ident["ids"]) >= 2]
 
 
-def sample_heldout(run: Path, ckpt: Path, heldout: list, args) -> tuple[list, list]:
+def load_run(run: Path, ckpt: Path):
+    """The tiny base of a demo run (run/base.safetensors + base-config.json) and a RetriNet checkpoint
+    on it, for evaluation."""
+    from diffusion.sd15 import load_configs, load_sd15
+    from retrinet import RetriUNet
+    sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
+    return sd, RetriUNet.load(ckpt, sd.unet).eval()
+
+
+def sample_heldout(sd, model, heldout: list, args) -> tuple[list, list]:
     """`args.samples` images per held-out identity from its two reference images: no prompt,
     reference guidance only (text guidance 1)."""
-    import torch
-    from diffusion.sd15 import load_configs, load_sd15, text_to_image
-    from retrinet import RetriUNet
+    from diffusion.sd15 import text_to_image
     from retrinet.sampling import ReferenceDenoiser, open_reference
     from retrinet.training import PRESETS
-    sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
-    model = RetriUNet.load(ckpt, sd.unet).eval()
     res, ref_res = PRESETS["tiny"]["resolution"], PRESETS["tiny"]["ref_resolution"]
     images, identities = [], []
     for i, (key, paths, ident) in enumerate(heldout):
@@ -84,7 +89,7 @@ def sample_heldout(run: Path, ckpt: Path, heldout: list, args) -> tuple[list, li
     return images, identities
 
 
-def reference_effect(run: Path, ckpt: Path, heldout_root: Path, timesteps=(300, 500, 700), n: int = 48,
+def reference_effect(sd, model, heldout_root: Path, timesteps=(300, 500, 700), n: int = 48,
                      seed: int = 0) -> dict:
     """Does the denoiser use its references? The RMSE of its x_0 prediction on held-out images (no
     prompt) at a few noise levels, with the image's own references, with another image's references
@@ -92,11 +97,7 @@ def reference_effect(run: Path, ckpt: Path, heldout_root: Path, timesteps=(300, 
     this reads learning long before the colour scores leave chance."""
     import torch
     from data.dataset import RetriBooruDataset, collate
-    from diffusion.sd15 import load_configs, load_sd15
-    from retrinet import RetriUNet
     from retrinet.training import PRESETS, Conditioning
-    sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
-    model = RetriUNet.load(ckpt, sd.unet).eval()
     ds = RetriBooruDataset(heldout_root, resolution=PRESETS["tiny"]["resolution"], k=2, p_drop=1.0,
                            ref_resolution=PRESETS["tiny"]["ref_resolution"])
     batch = collate([ds[i] for i in range(min(n, len(ds)))])
@@ -178,9 +179,10 @@ def main(argv=None) -> int:
     steps = read_state(ckpt)["step"]
 
     heldout = heldout_references(heldout_root)
-    images, identities = sample_heldout(run, ckpt / "retrinet.safetensors", heldout, args)
+    sd, model = load_run(run, ckpt / "retrinet.safetensors")
+    images, identities = sample_heldout(sd, model, heldout, args)
     result = score(images, identities)
-    effect = reference_effect(run, ckpt / "retrinet.safetensors", heldout_root, seed=args.seed)
+    effect = reference_effect(sd, model, heldout_root, seed=args.seed)
     heldout_grid(heldout, images, args.samples).save(out / "heldout-samples.png")
     # The scorer's ceiling: the same score on the held-out identities' other (real) images, fitted
     # to the sampling resolution as training fits them.
