@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "--ref-guidance at sampling; 0 in the paper's recipe)")
     task.add_argument("--resolution", type=int, default=None)
     task.add_argument("--ref-resolution", type=int, default=None, help="reference side (default: --resolution)")
+    task.add_argument("--ref-background", choices=["keep", "white"], default="keep",
+                      help="white: references show only the figure, their background whitened through the "
+                           "sample's segmentation mask (Supp. A.1); keep: whole pictures (the paper's recipe)")
     task.add_argument("--heads", type=int, default=None, help="attention heads of RetriNet's cross-attention")
     opt = ap.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch")
@@ -279,7 +282,8 @@ def main(argv=None) -> int:
             log(f"resumed from {ckpt} at step {step}")
 
     dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
-                                task=args.task, p_drop=args.p_drop, seed=args.seed, ref_resolution=args.ref_resolution)
+                                task=args.task, p_drop=args.p_drop, seed=args.seed, ref_resolution=args.ref_resolution,
+                                ref_background=args.ref_background)
     batches = BatchStream(dataset, args.batch_size, rank=rank, world=world, seed=args.seed, workers=args.workers,
                           pin_memory=device.type == "cuda", **data_pos)
     schedule, text = sd.schedule, Conditioning(sd)
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
                                    ref_size=args.ref_resolution or args.resolution,
                                    steps=args.val_steps, guidance=args.val_guidance,
                                    ref_guidance=args.val_ref_guidance if args.ref_drop > 0 else None,
-                                   seed=args.seed)
+                                   seed=args.seed, ref_background=args.ref_background)
             (out / "samples").mkdir(exist_ok=True)
             grid.save(out / "samples" / f"step-{step:06d}.png")
 

@@ -33,16 +33,19 @@ from .transforms import box_mask, fit_and_pad
 
 log = logging.getLogger(__name__)
 SETTINGS, TASKS = ("a", "b"), ("recon", "compose", "multi")
+REF_BACKGROUNDS = ("keep", "white")
 
 
 class RetriBooruDataset(Dataset):
     def __init__(self, root: str | Path, resolution: int = 384, k: int = 2, setting: str = "b", task: str = "recon",
                  p_drop: float = 0.5, ref_repeat: bool = False, seed: int = 0, strict: bool = False,
-                 ref_resolution: int | None = None):
+                 ref_resolution: int | None = None, ref_background: str = "keep"):
         if setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if ref_background not in REF_BACKGROUNDS:
+            raise ValueError(f"ref_background must be one of {REF_BACKGROUNDS}, got {ref_background!r}")
         if k < 1 or resolution < 8 or not 0 <= p_drop <= 1:
             raise ValueError(f"need k >= 1, resolution >= 8, 0 <= p_drop <= 1; got {k}, {resolution}, {p_drop}")
         self.root = Path(root)
@@ -60,6 +63,7 @@ class RetriBooruDataset(Dataset):
         self.resolution, self.k, self.setting, self.task = resolution, k, setting, task
         self.ref_resolution = ref_resolution or resolution  # references may be smaller than the target
         self.p_drop, self.ref_repeat, self.seed, self.strict = p_drop, ref_repeat, seed, strict
+        self.ref_background = ref_background
         self.epoch = 0
         self._logged: set[str] = set()
 
@@ -92,6 +96,14 @@ class RetriBooruDataset(Dataset):
             im.load()
             return im if im.mode == "RGB" else im.convert("RGB")
 
+    def _reference(self, rec, image: Image.Image | None = None) -> Image.Image:
+        """A reference image: the sample's picture, with its background whitened through the figure
+        mask when ref_background is "white"."""
+        image = self._open(rec) if image is None else image
+        if self.ref_background == "white":
+            image = figure_on_white(image, self.root / rec["mask"])
+        return image
+
     def _sample(self, rec, rng, task) -> dict:
         image = self._open(rec)
         _check_box(rec, image)
@@ -100,7 +112,7 @@ class RetriBooruDataset(Dataset):
         prompt = "" if rng.random() < self.p_drop else rec["prompt"]
 
         if self.setting == "a":
-            sources = [(rec, _augment(image, rng)) for _ in range(self.k)]
+            sources = [(rec, _augment(self._reference(rec, image), rng)) for _ in range(self.k)]
         else:
             pool = [s for s in rec["similar"] if s != rec["id"] and s in self.by_id]
             if not pool:
@@ -113,13 +125,23 @@ class RetriBooruDataset(Dataset):
         concepts, ref_ids = ["figure"] * self.k, [""] * self.k
         for j, (ref_rec, ref_image) in enumerate(sources):
             ref_ids[j] = ref_rec["id"]
-            ref_image = ref_image if ref_image is not None else self._open(ref_rec)
+            ref_image = ref_image if ref_image is not None else self._reference(ref_rec)
             if task == "compose":
                 ref_image, concepts[j] = _concept_crop(ref_rec, ref_image, rng)
             refs[j] = fit_and_pad(ref_image, self.ref_resolution)[0]
             ref_mask[j] = True
         return {"id": rec["id"], "image": pixels, "valid": valid, "face": face, "prompt": prompt, "refs": refs,
                 "ref_mask": ref_mask, "concepts": concepts, "ref_ids": ref_ids, "task": task}
+
+
+def figure_on_white(image: Image.Image, mask_path: str | Path) -> Image.Image:
+    """The figure of `image` on white: its segmentation mask (an L image of the same size, 255 =
+    figure; Supp. A.1) blends the picture over a white background."""
+    with Image.open(mask_path) as m:
+        mask = m.convert("L")
+    if mask.size != image.size:
+        raise ValueError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]}, its image {image.width}x{image.height}")
+    return Image.composite(image, Image.new("RGB", image.size, "white"), mask)
 
 
 def _check_box(rec, image) -> None:

@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -115,9 +115,11 @@ class Identity:
         return f"{self.character.name}|{self.artist.name}|{self.outfit.index}"
 
 
-def make_identities(n: int, seed: int) -> list[Identity]:
+def make_identities(n: int, seed: int, hats: bool = True) -> list[Identity]:
     """``n`` identities: identity i has character ``i % C`` and artist ``(i + i // C) % A`` with
-    C = ceil(n / 3), A = ceil(n / 4); a character's outfits have distinct (top, bottom) colour pairs."""
+    C = ceil(n / 3), A = ceil(n / 4); a character's outfits have distinct (top, bottom) colour pairs.
+    ``hats=False`` turns the hats (which hide most of the hair) into no accessory; everything else is
+    drawn as with hats."""
     rng = np.random.default_rng([seed, _S_IDENTITIES])
     n_chars, n_artists = max(1, math.ceil(n / 3)), max(1, math.ceil(n / 4))
     looks = [(h, s) for h in HAIR_COLORS for s in HAIR_STYLES]
@@ -150,6 +152,8 @@ def make_identities(n: int, seed: int) -> list[Identity]:
                         pattern=PATTERNS[rng.integers(len(PATTERNS))],
                         accessory=ACCESSORIES[rng.integers(len(ACCESSORIES))],
                         accessory_color=colors[rng.integers(len(colors))])
+        if outfit.accessory == "hat" and not hats:
+            outfit = replace(outfit, accessory="none")
         identities.append(Identity(char, artist, outfit))
     return identities
 
@@ -495,7 +499,7 @@ def _write_jsonl(path: Path, rows) -> None:
 def generate(out: Path, identities: int, images_per_identity: int, size: int, seed: int,
              vqa_error_rate: float = 0.0, noise_fraction: float = 0.1,
              progress: Optional[Callable[[int, int], None]] = None, backgrounds: str = "mixed",
-             figure_scale: tuple[float, float] = (0.5, 0.85)) -> dict:
+             figure_scale: tuple[float, float] = (0.5, 0.85), hats: bool = True) -> dict:
     """Write the synthetic dataset under ``out`` and return summary counts.
 
     ``identities * images_per_identity`` clean images plus ``round(noise_fraction * clean)`` noise
@@ -507,7 +511,7 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
     for sub in ("images", "masks", "raw"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    idents = make_identities(identities, seed)
+    idents = make_identities(identities, seed, hats=hats)
     n_clean = identities * images_per_identity
     n_noise = int(round(noise_fraction * n_clean))
     total = n_clean + n_noise
@@ -604,6 +608,8 @@ def main(argv=None) -> int:
                    help="mixed: flat, gradient or shapes (default); flat: one random colour; white")
     p.add_argument("--figure-scale", type=float, nargs=2, default=(0.5, 0.85), metavar=("LOW", "HIGH"),
                    help="height of a full figure as a fraction of the image, drawn uniformly (default 0.5 0.85)")
+    p.add_argument("--no-hats", action="store_true",
+                   help="no hats (a third of the outfits wear one, and it hides most of the hair)")
     args = p.parse_args(argv)
     try:
         _check_args(args.identities, args.images_per_identity, args.size, args.seed,
@@ -619,7 +625,7 @@ def main(argv=None) -> int:
 
     summary = generate(args.out, args.identities, args.images_per_identity, args.size, args.seed,
                        args.vqa_error_rate, args.noise_fraction, progress=progress, backgrounds=args.backgrounds,
-                       figure_scale=tuple(args.figure_scale))
+                       figure_scale=tuple(args.figure_scale), hats=not args.no_hats)
     print(json.dumps(summary), file=sys.stderr)
     return 0
 

@@ -293,9 +293,12 @@ def validation_records(root: Path, count: int) -> list[dict]:
 
 @torch.no_grad()
 def sample_grid(sd: StableDiffusion, model: RetriUNet, root: Path, records: list[dict], *, k: int, size: int,
-                ref_size: int, steps: int, guidance: float, ref_guidance: float | None, seed: int) -> Image.Image:
-    """One row per record: its K references, a sample without a prompt and one with the record's
-    prompt (fixed seeds, DDIM), then the target itself."""
+                ref_size: int, steps: int, guidance: float, ref_guidance: float | None, seed: int,
+                ref_background: str = "keep") -> Image.Image:
+    """One row per record: its K references (figure on white through their masks when
+    `ref_background` is "white", as training saw them), a sample without a prompt and one with the
+    record's prompt (fixed seeds, DDIM), then the target itself."""
+    from data.dataset import figure_on_white
     from retrinet.sampling import open_reference
     by_id = {r["id"]: r for r in (json.loads(l) for l in (root / "annotations.jsonl").read_text().splitlines() if l)}
     was_training = model.training
@@ -304,6 +307,8 @@ def sample_grid(sd: StableDiffusion, model: RetriUNet, root: Path, records: list
     for i, rec in enumerate(records):
         ref_ids = [s for s in rec["similar"] if s in by_id and s != rec["id"]][:k]
         refs = [open_reference(root / by_id[s]["image"]) for s in ref_ids]
+        if ref_background == "white":
+            refs = [figure_on_white(im, root / by_id[s]["mask"]) for im, s in zip(refs, ref_ids)]
         denoiser = ReferenceDenoiser(sd, model, refs, ["figure"] * len(refs), ref_size, size, size)
         row = [im.resize((size, size), Image.BILINEAR) for im in refs]
         row += [Image.new("RGB", (size, size), "white")] * (k - len(refs))

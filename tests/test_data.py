@@ -151,6 +151,39 @@ def test_masks_line_up_with_the_padded_image(tmp_path):
     assert face_pixels[inside].float().mean() > 0.8 and face_pixels[~inside].float().mean() < 0.02
 
 
+def test_white_reference_backgrounds_follow_the_masks(tmp_path):
+    """ref_background "white": where a reference's mask is 0 its pixels are white, elsewhere they are
+    the whole picture's (same draw); targets keep their backgrounds. Crops happen after whitening."""
+    records = make_dataset(tmp_path)
+    for r in records:  # the figure is the left half of each 40x56 image
+        m = np.zeros((56, 40), np.uint8)
+        m[:, :20] = 255
+        Image.fromarray(m).save(tmp_path / r["mask"])
+    for task, setting in [("recon", "b"), ("compose", "b"), ("recon", "a")]:
+        kw = dict(resolution=56, k=2, task=task, setting=setting, seed=1)
+        keep, white = RetriBooruDataset(tmp_path, **kw), RetriBooruDataset(tmp_path, ref_background="white", **kw)
+        for i in (0, 4, 8):
+            a, b = keep[i], white[i]
+            assert torch.equal(a["image"], b["image"]) and a["ref_ids"] == b["ref_ids"]
+            for j in range(2):
+                if task == "recon" and setting == "b":  # 40x56 -> padded by 8 columns each side
+                    assert (b["refs"][j][:, :, 28:48] == 1).all()
+                    assert torch.equal(b["refs"][j][:, :, 8:28], a["refs"][j][:, :, 8:28])
+                ra, rb = a["refs"][j], b["refs"][j]
+                if setting == "b":
+                    assert (rb == 1).all(0).sum() > (ra == 1).all(0).sum()
+                if task == "recon" and setting == "b":
+                    assert ((rb == 1) | (rb == ra)).all()
+                elif setting == "a":  # the same augmentation after whitening: white turns grey with the brightness
+                    grey = lambda r: ((r[0] == r[1]) & (r[1] == r[2])).sum()  # noqa: E731
+                    assert grey(rb) > grey(ra) + 200
+    with pytest.raises(ValueError, match="ref_background"):
+        RetriBooruDataset(tmp_path, ref_background="black")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / records[1]["mask"])
+    with pytest.raises(ValueError, match=r"masks/001.png: mask is 10x10, its image 40x56"):
+        RetriBooruDataset(tmp_path, resolution=56, ref_background="white", strict=True)[0]
+
+
 def test_prompt_drop_and_determinism(tmp_path):
     make_dataset(tmp_path)
     ds = RetriBooruDataset(tmp_path, resolution=32, k=2, p_drop=0.5, task="compose", seed=3)

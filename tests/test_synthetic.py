@@ -253,3 +253,22 @@ def test_figure_scale(tmp_path):
     assert min(default) < 0.7
     with pytest.raises(ValueError, match="figure-scale"):
         generate(tmp_path / "bad", 2, 2, SIZE, 0, figure_scale=(0.9, 0.5))
+
+
+def test_no_hats(tmp_path):
+    """hats=False: the identities that would wear a hat wear nothing, and everything else (colours,
+    styles, the other accessories) is what the default draws; no image is tagged hat. The CLI flag is
+    --no-hats."""
+    with_hats, without = make_identities(60, 4), make_identities(60, 4, hats=False)
+    assert sum(i.outfit.accessory == "hat" for i in with_hats) >= 10
+    assert not any(i.outfit.accessory == "hat" for i in without)
+    for a, b in zip(with_hats, without):
+        assert b.outfit.accessory == ("none" if a.outfit.accessory == "hat" else a.outfit.accessory)
+        assert (a.character, a.artist, a.outfit.top, a.outfit.bottom) == (b.character, b.artist, b.outfit.top,
+                                                                         b.outfit.bottom)
+    out = tmp_path / "nohats"
+    res = subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out), "--identities", "12",
+                          "--images-per-identity", "2", "--size", "48", "--no-hats"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert not any("hat" in r["tags"] for r in read_jsonl(out / "annotations.jsonl"))
