@@ -1,12 +1,14 @@
-"""The demo (`make demo`): RetriNet learns to retrieve identities on the CPU in minutes.
+"""The demo (`make demo`): RetriNet learns to retrieve identities on the CPU.
 
-    python -m retrinet.demo --out demo-output
+    python -m retrinet.demo --out demo-output                          # 10 minutes of training
+    python -m retrinet.demo --out demo-30 --minutes 30 --steps 3900    # where retrieval shows clearly
 
 1. Generates a synthetic RetriBooru dataset (data.synthetic; by default one flat background colour
-   per image and figures 80-95% of the image high) for training and a second one whose identities the model never sees (another seed).
+   per image, figures 80-95% of the image high, no hats) for training and a second one whose
+   identities the model never sees (another seed).
 2. Trains the tiny preset (train.py --preset tiny: SD's architecture shrunk, pixel space, 24 px,
-   v-prediction, with 10% reference dropout for reference guidance) for a bounded time, the cosine
-   learning-rate schedule running once over the step budget.
+   v-prediction, with 10% reference dropout for reference guidance, references on white) for a
+   bounded time, the cosine learning-rate schedule running once over the step budget.
 3. Samples every held-out identity from two of its images (no prompt, DDIM 25 steps, reference
    guidance 3) and scores identity retrieval with the generator's ground truth: the fraction of
    samples whose dominant hair, top and bottom colours all equal the reference identity's
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "large figures give the references more to say and the scorer more pixels")
     ap.add_argument("--hats", action=argparse.BooleanOptionalAction, default=DEFAULTS["hats"],
                     help="data.synthetic's hats: they hide most of the hair, which the scorer then cannot read "
-                         "(real held-out images score 67%% exact with hats, 73%% without)")
+                         "(the report's real held-out images: 62.5%% exact with hats, 75%% without)")
     ap.add_argument("--ref-background", choices=["keep", "white"], default=DEFAULTS["ref_background"],
                     help="train.py --ref-background: references show the figure on white (through its mask), so "
                          "that what they share with the target is the identity")
@@ -146,8 +148,8 @@ def reference_effect(sd, model, heldout_root: Path, timesteps=(300, 500, 700), n
     return out
 
 
-def heldout_grid(heldout: list, images: list, per: int, cell: int = 72):
-    """One row per held-out identity: its two references, then its samples."""
+def heldout_grid(heldout: list, images: list, per: int, cell: int = 72, ref_background: str = "keep"):
+    """One row per held-out identity: its two references (as the model saw them), then its samples."""
     from PIL import Image, ImageDraw
     cols, pad = 2 + per, 4
     grid = Image.new("RGB", (cols * (cell + pad) + pad, len(heldout) * (cell + pad) + pad + 14), "white")
@@ -155,7 +157,7 @@ def heldout_grid(heldout: list, images: list, per: int, cell: int = 72):
     for j, label in enumerate(["ref 1", "ref 2"] + [f"sample {s + 1}" for s in range(per)]):
         draw.text((pad + j * (cell + pad), 2), label, fill="black")
     for r, (_, paths, _) in enumerate(heldout):
-        row = [Image.open(p).convert("RGB") for p in paths[:2]] + [Image.fromarray(a) for a in images[r * per:(r + 1) * per]]
+        row = [reference_image(p, ref_background) for p in paths[:2]] + [Image.fromarray(a) for a in images[r * per:(r + 1) * per]]
         for j, im in enumerate(row):
             grid.paste(im.resize((cell, cell), Image.NEAREST), (pad + j * (cell + pad), 14 + pad + r * (cell + pad)))
     return grid
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     images, identities = sample_heldout(sd, model, heldout, args)
     result = score(images, identities)
     effect = reference_effect(sd, model, heldout_root, seed=args.seed, ref_background=args.ref_background)
-    heldout_grid(heldout, images, args.samples).save(out / "heldout-samples.png")
+    heldout_grid(heldout, images, args.samples, ref_background=args.ref_background).save(out / "heldout-samples.png")
     # The scorer's ceiling: the same score on the held-out identities' other (real) images, fitted
     # to the sampling resolution as training fits them.
     from data.transforms import fit_and_pad
@@ -227,12 +229,12 @@ def main(argv=None) -> int:
     (out / "report.md").write_text(f"""# RetriNet demo report
 
 Tiny preset trained for {steps} steps ({train_minutes:.1f} min) on {len(train_ids)} synthetic identities ({args.backgrounds} backgrounds, figures
-{args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high);
+{args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high{"" if args.hats else ", no hats"}; references {"on white" if args.ref_background == "white" else "as they are"});
 sampled {args.samples} images for each of {len(heldout)} identities it never saw, from two reference images,
 without a prompt (DDIM {args.sample_steps}, reference guidance {args.ref_guidance}). Scores: the fraction of
 samples whose dominant colours equal the reference identity's (data.identity_score); chance: the same
 samples against a mismatched identity; real images: the scorer on the held-out identities' own other
-images at {res} px (its ceiling: at this size the hair is one or two pixel rows, and often under a hat).
+images at {res} px (its ceiling: at this size the hair is one or two pixel rows{", and often under a hat" if args.hats else ""}).
 
 | score | generated | chance | real images |
 |---|---|---|---|

@@ -328,5 +328,10 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     assert set(effect) == {"300", "500", "700"} and all(set(r) == {"own", "mismatched", "null"} and
                                                         all(v > 0 for v in r.values()) for r in effect.values())
     assert report["backgrounds"] == "flat" and report["figure_scale"] == [0.8, 0.95]
+    assert report["ref_background"] == "white" and report["hats"] is False
+    from retrinet.training import read_state
+    assert json.loads(read_state(out / "run" / "checkpoints" / "step-000002")["args"])["ref_background"] == "white"
+    for root in ("data-train", "data-heldout"):
+        assert not any("hat" in json.loads(line)["tags"] for line in (out / root / "annotations.jsonl").open())
     assert (out / "heldout-samples.png").is_file() and (out / "report.md").is_file()
     assert (out / "run" / "checkpoints" / "step-000002" / "retrinet.safetensors").is_file()
