@@ -45,6 +45,13 @@ class StableDiffusion:
         """LDM's scale_factor for SD's VAE; 1 in pixel space (the tiny training preset)."""
         return 1.0 if isinstance(self.vae, PixelSpace) else LATENT_SCALE
 
+    @property
+    def clip_sample(self) -> float | None:
+        """The bound a DDIM x_0 prediction is clamped to: 1 in pixel space (images live in [-1, 1], and
+        without the clamp the prediction explodes at high noise, as pixel-space DDPM / DDIM sampling
+        knows); None for SD's latents, which have no such bound."""
+        return 1.0 if isinstance(self.vae, PixelSpace) else None
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, 768) text context; over-long prompts are truncated with a warning."""
@@ -129,9 +136,7 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
         drop = torch.tensor([True] * num + [False] * 2 * num, device=sd.device)
 
     model = denoiser or sd.unet
-    # Pixel space (the tiny preset): DDIM clamps its x_0 prediction to the data range, as pixel-space
-    # DDPM / DDIM sampling does; without it the prediction explodes at high noise.
-    clip = {"clip_sample": 1.0} if isinstance(sd.vae, PixelSpace) and sampler == "ddim" else {}
+    clip = {"clip_sample": sd.clip_sample} if sd.clip_sample is not None and sampler == "ddim" else {}
     s = make_sampler(sampler, steps, sd.schedule, **clip)
     shape = (num, sd.unet.config.in_channels, height // f, width // f)
     x = torch.randn(shape, generator=generator, dtype=sd.dtype).to(sd.device) * s.init_noise_sigma

@@ -62,6 +62,7 @@ def _diffusers_pipeline(sd, hf_text, sampler, tmp_path):
 @pytest.mark.parametrize("sampler", ["pndm", "ddim", "euler", "euler_a", "dpmpp_2m"])
 def test_equals_diffusers_pipeline(small_sd, sampler, tmp_path):
     sd, hf_text = small_sd
+    assert sd.clip_sample is None  # latents: no x_0 clamp, as diffusers' SD config
     pipe = _diffusers_pipeline(sd, hf_text, sampler, tmp_path)
     kw = dict(height=64, width=48)
     ours = text_to_image(sd, "a red fox in the snow", "blurry", num=2, steps=6, guidance=7.0, sampler=sampler,

@@ -218,6 +218,7 @@ def test_loss_is_eq3_against_the_schedules_target(data, prediction):
     the masked, face-weighted mean is taken per sample, then over the batch."""
     from retrinet.training import build_tiny
     sd, model = build_tiny(0), _Recorder()
+    assert sd.clip_sample == 1.0  # pixel space: DDIM clamps its x_0 prediction to [-1, 1]
     schedule = NoiseSchedule(beta_end=0.03, prediction=prediction)
     ds = RetriBooruDataset(data, resolution=16, k=2, ref_resolution=8)
     batch, epoch = next(BatchStream(ds, 3, rank=0, world=1, seed=0, workers=0, pin_memory=False))
