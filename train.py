@@ -34,6 +34,7 @@ MAX_BAD_STEPS = 50  # non-finite steps in a row that stop the run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from data.dataset import REF_BACKGROUNDS
     from retrinet.training import PRESETS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="sd15",
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "--ref-guidance at sampling; 0 in the paper's recipe)")
     task.add_argument("--resolution", type=int, default=None)
     task.add_argument("--ref-resolution", type=int, default=None, help="reference side (default: --resolution)")
-    task.add_argument("--ref-background", choices=["keep", "white"], default="keep",
+    task.add_argument("--ref-background", choices=REF_BACKGROUNDS, default="keep",
                       help="white: references show only the figure, their background whitened through the "
                            "sample's segmentation mask (Supp. A.1); keep: whole pictures (the paper's recipe)")
     task.add_argument("--heads", type=int, default=None, help="attention heads of RetriNet's cross-attention")

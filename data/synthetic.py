@@ -59,6 +59,7 @@ ACCESSORY_TAGS = {"none": None, "hat": "hat", "ribbon": "hair_ribbon"}
 OUTLINE_COLORS = ((20, 20, 25), (70, 40, 30), (30, 30, 70))
 MONO_TAGS = ("monochrome", "greyscale", "sketch")
 NOISE_KINDS = ("mono", "multi", "nocloth")
+FIGURE_SCALE = (0.5, 0.85)  # a full figure's height as a fraction of the image, drawn uniformly
 
 # Stream ids for numpy.random.default_rng([seed, stream, ...]).
 _S_IDENTITIES, _S_LAYOUT, _S_IMAGE, _S_VQA = 0, 1, 2, 3
@@ -399,7 +400,7 @@ def _background(rng: np.random.Generator, side: int, plain_white: bool,
 
 def _random_pose(rng: np.random.Generator, size: int, close_up: bool,
                  slot: Optional[tuple[float, float]] = None,
-                 figure_scale: tuple[float, float] = (0.5, 0.85)) -> Pose:
+                 figure_scale: tuple[float, float] = FIGURE_SCALE) -> Pose:
     """Pose and placement. ``slot`` = (x range start, end) as image fractions for two-figure images;
     a full figure is ``figure_scale`` (a uniform range) of the image high."""
     facing = 1 if rng.random() < 0.5 else -1
@@ -427,7 +428,7 @@ def pose_tags(pose: Pose, close_up: bool) -> list[str]:
 
 def render(ident: Identity, size: int, rng: np.random.Generator, *, close_up: bool = False,
            mono: Optional[str] = None, second: Optional[Identity] = None, backgrounds: str = "mixed",
-           figure_scale: tuple[float, float] = (0.5, 0.85)):
+           figure_scale: tuple[float, float] = FIGURE_SCALE):
     """Draw one image. Returns (rgb, mask, face_box, pose and background tags)."""
     side = size * SUPERSAMPLE
     bg, bg_tag = _background(rng, side, plain_white=(mono == "sketch"), backgrounds=backgrounds)
@@ -470,7 +471,7 @@ BACKGROUNDS = ("mixed", "flat", "white")
 
 
 def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds="mixed",
-                figure_scale=(0.5, 0.85)):
+                figure_scale=FIGURE_SCALE):
     if not 0.2 <= figure_scale[0] <= figure_scale[1] <= 0.95:
         raise ValueError(f"figure-scale must be 0.2 <= low <= high <= 0.95, got {tuple(figure_scale)}")
     if backgrounds not in BACKGROUNDS:
@@ -499,7 +500,7 @@ def _write_jsonl(path: Path, rows) -> None:
 def generate(out: Path, identities: int, images_per_identity: int, size: int, seed: int,
              vqa_error_rate: float = 0.0, noise_fraction: float = 0.1,
              progress: Optional[Callable[[int, int], None]] = None, backgrounds: str = "mixed",
-             figure_scale: tuple[float, float] = (0.5, 0.85), hats: bool = True) -> dict:
+             figure_scale: tuple[float, float] = FIGURE_SCALE, hats: bool = True) -> dict:
     """Write the synthetic dataset under ``out`` and return summary counts.
 
     ``identities * images_per_identity`` clean images plus ``round(noise_fraction * clean)`` noise
@@ -606,8 +607,8 @@ def main(argv=None) -> int:
                    help="extra noise images as a fraction of the clean ones (default 0.1)")
     p.add_argument("--backgrounds", choices=BACKGROUNDS, default="mixed",
                    help="mixed: flat, gradient or shapes (default); flat: one random colour; white")
-    p.add_argument("--figure-scale", type=float, nargs=2, default=(0.5, 0.85), metavar=("LOW", "HIGH"),
-                   help="height of a full figure as a fraction of the image, drawn uniformly (default 0.5 0.85)")
+    p.add_argument("--figure-scale", type=float, nargs=2, default=FIGURE_SCALE, metavar=("LOW", "HIGH"),
+                   help="height of a full figure as a fraction of the image, drawn uniformly (default %(default)s)")
     p.add_argument("--no-hats", action="store_true",
                    help="no hats (a third of the outfits wear one, and it hides most of the hair)")
     args = p.parse_args(argv)

@@ -30,22 +30,25 @@ DEFAULTS = dict(identities=96, images_per_identity=8, heldout=16, size=48, backg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from data.dataset import REF_BACKGROUNDS
+    from data.synthetic import BACKGROUNDS, FIGURE_SCALE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo-output")
     ap.add_argument("--identities", type=int, default=DEFAULTS["identities"], help="training identities")
     ap.add_argument("--images-per-identity", type=int, default=DEFAULTS["images_per_identity"])
     ap.add_argument("--heldout", type=int, default=DEFAULTS["heldout"], help="identities never trained on")
     ap.add_argument("--size", type=int, default=DEFAULTS["size"], help="side of the generated dataset images")
-    ap.add_argument("--backgrounds", choices=["mixed", "flat", "white"], default=DEFAULTS["backgrounds"],
+    ap.add_argument("--backgrounds", choices=BACKGROUNDS, default=DEFAULTS["backgrounds"],
                     help="data.synthetic backgrounds: one colour per image by default, so that a model trained "
                          "for minutes spends itself on the figures")
     ap.add_argument("--figure-scale", type=float, nargs=2, default=DEFAULTS["figure_scale"], metavar=("LOW", "HIGH"),
-                    help="full-figure height as a fraction of the image (data.synthetic's default: 0.5 0.85); "
+                    help="full-figure height as a fraction of the image (data.synthetic's default: "
+                         f"{FIGURE_SCALE[0]} {FIGURE_SCALE[1]}); "
                          "large figures give the references more to say and the scorer more pixels")
     ap.add_argument("--hats", action=argparse.BooleanOptionalAction, default=DEFAULTS["hats"],
                     help="data.synthetic's hats: they hide most of the hair, which the scorer then cannot read "
                          "(the report's real held-out images: 62.5%% exact with hats, 75%% without)")
-    ap.add_argument("--ref-background", choices=["keep", "white"], default=DEFAULTS["ref_background"],
+    ap.add_argument("--ref-background", choices=REF_BACKGROUNDS, default=DEFAULTS["ref_background"],
                     help="train.py --ref-background: references show the figure on white (through its mask), so "
                          "that what they share with the target is the identity")
     ap.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps (batch 32)")
