@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.attention import attention
+from common.attention import attention, merge_heads, split_heads
 
 
 # transformers' own defaults, which its config.json files leave out when a value equals them.
@@ -106,11 +106,9 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x, causal: bool = False, key_padding_mask=None):
-        b, n, d = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.out_proj(merge_heads(out))
 
 
 class CLIPMLP(nn.Module):

@@ -1,6 +1,6 @@
 """The project's one attention function.
 
-Every attention layer (CLIP text and vision towers, and later the UNet, the VAE and RetriNet) calls
+Every attention layer (CLIP's text and vision towers, the U-Net, the VAE and RetriNet) calls
 `attention`, so there is one place where precision, masking and memory are decided:
 
 * torch's `scaled_dot_product_attention` does the work, so under fp16 / bf16 the fused flash and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -57,6 +58,16 @@ def _sdpa(q, k, v, mask, causal: bool, q_offset: int, scale):
         ki = torch.arange(k.shape[2], device=q.device)[None, :]
         mask = (ki <= qi) if mask is None else (mask & (ki <= qi))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads * D) -> (B, heads, L, D), the layout `attention` takes (a view, no copy)."""
+    return rearrange(x, "b l (h d) -> b h l d", h=heads)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, D) -> (B, L, heads * D), the inverse of `split_heads`."""
+    return rearrange(x, "b h l d -> b l (h d)")
 
 
 def set_attention_options(module: nn.Module, *, upcast: bool | None = None,

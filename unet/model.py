@@ -12,7 +12,7 @@ official weights load with no mapping:
 
 The encoder half (`encode`: input_blocks + middle_block) and the decoder half (`decode`:
 output_blocks + out) are separate calls, so RetriNet and ControlNet can add residuals to the 12
-skips and the middle feature in between (DESIGN.md section 3).
+skips and the middle feature in between (docs/design.md section 3).
 
 Norms are plain `nn.GroupNorm` (eps 1e-5; 1e-6 in the transformers, as in LDM). LDM's GroupNorm32
 casts to fp32 around it; torch's kernels already accumulate the statistics in fp32 for half inputs
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common.attention import attention, project_tokens, set_attention_options
+from common.attention import attention, merge_heads, project_tokens, set_attention_options, split_heads
 
 
 @dataclass
@@ -135,13 +135,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None, context_mask=None):
         context = x if context is None else context
-        b, n, _ = x.shape
-        q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        q, k, v = (split_heads(t, self.heads) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = attention(q, k, v, key_padding_mask=context_mask, upcast=self.upcast, chunk_size=self.chunk_size)
         if self.recorder is not None:
             self.recorder(self, q, k)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(merge_heads(out))
 
 
 class GEGLU(nn.Module):
