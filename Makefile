@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m retrinet.demo --out $(DEMO_OUT)
+	$(PY) demo.py --out $(DEMO_OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

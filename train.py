@@ -1,4 +1,4 @@
-"""Train RetriNet on a RetriBooru dataset (paper Sec. 5.2, Supp. A.4; DESIGN.md sections 3-5).
+"""Train RetriNet on a RetriBooru dataset (paper Sec. 5.2, Supp. A.4; docs/design.md sections 3-5).
 
     python train.py --preset tiny --data synthetic/ --out runs/tiny             # CPU, minutes
     torchrun --nproc_per_node 8 train.py --preset sd15 --weights v1-5-pruned-emaonly.safetensors \\
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from common.options import PRECISIONS
 
 # Intel MKL chooses kernels by memory alignment unless told otherwise, so a resumed process can round
 # differently from the uninterrupted one (measured on a Xeon with one thread per process: 1-ulp weight
@@ -40,8 +40,9 @@ MAX_BAD_STEPS = 50  # non-finite steps in a row that stop the run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from data.dataset import REF_BACKGROUNDS
-    from retrinet.training import PRESETS
+    from data.dataset import REF_BACKGROUNDS, SETTINGS, TASKS
+    from retrinet import LOCKS
+    from training.presets import PRESETS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="sd15",
                     help="sd15: RetriNet on SD v1.5 (--weights); tiny: small configs from scratch, pixel space")
@@ -51,12 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="RetriBooru root (annotations.jsonl)")
     ap.add_argument("--out", required=True, help="output folder")
     task = ap.add_argument_group("task (Sec. 5.2)")
-    task.add_argument("--task", choices=["recon", "compose", "multi"], default="recon")
-    task.add_argument("--setting", choices=["a", "b"], default="b", help="a: the target is its own reference (leaky)")
+    task.add_argument("--task", choices=TASKS, default="recon")
+    task.add_argument("--setting", choices=SETTINGS, default="b", help="a: the target is its own reference (leaky)")
     task.add_argument("--refs", type=int, default=2, help="references per target (K)")
-    task.add_argument("--lock", choices=["none", "decoder", "both"], default="none",
+    task.add_argument("--lock", choices=LOCKS, default="none",
                       help="none: train E + cross-attention + SD decoder; decoder: LockD; both: LockB")
-    task.add_argument("--p-drop", type=float, default=0.5, help="probability of dropping the prompt")
+    task.add_argument("--prompt-drop", "--p-drop", type=float, default=0.5, dest="prompt_drop",
+                      help="probability of replacing the prompt by \"\" (the paper's P025 / P075: 0.25 / 0.75)")
     task.add_argument("--face-weight", type=float, default=0.1, help="lambda_face of Eq. 3")
     task.add_argument("--ref-drop", type=float, default=0.0,
                       help="probability of replacing all references by a learned null reference (enables "
@@ -125,7 +127,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     problems += [f"--{n.replace('_', '-')} {getattr(args, n)} must be at least 1" for n in positive
                  if getattr(args, n) < 1]
     problems += [f"--{n.replace('_', '-')} {getattr(args, n)} must be within [0, 1]"
-                 for n in ("p_drop", "ref_drop") if not 0 <= getattr(args, n) <= 1]
+                 for n in ("prompt_drop", "ref_drop") if not 0 <= getattr(args, n) <= 1]
     for name in ("resolution", "ref_resolution"):
         if getattr(args, name) is not None and (getattr(args, name) < 8 or getattr(args, name) % 8):
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive multiple of 8")
@@ -178,7 +180,7 @@ def build(args, device, rank: int, out: Path):
     import torch
     from diffusion.sd15 import load_configs, load_sd15
     from retrinet import RetriUNet
-    from retrinet.training import build_tiny, frozen_to, save_base
+    from training.presets import build_tiny, frozen_to, save_base
     if args.preset == "tiny":
         sd = build_tiny(args.seed)
         if rank == 0 and not (out / "base.safetensors").is_file():
@@ -192,7 +194,8 @@ def build(args, device, rank: int, out: Path):
         sd = load_sd15(args.weights, configs=load_configs(args.config) if args.config else None)
     for part in (sd.unet, sd.vae, sd.text_encoder):
         part.to(device)
-    model = RetriUNet(sd.unet, heads=args.heads, lock=args.lock, null_reference=args.ref_drop > 0, train_base=args.preset == "tiny")
+    model = RetriUNet(sd.unet, heads=args.heads, lock=args.lock, null_reference=args.ref_drop > 0,
+                      train_base=args.preset == "tiny")
     if args.checkpointing:
         model.retrinet.encoder.gradient_checkpointing = True
         sd.unet.gradient_checkpointing = True
@@ -219,6 +222,202 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+class Run:
+    """One training run on this process: the models, the optimizer and the batch stream, with the
+    four things the loop does: `resume`, `step` (one optimisation step), `save` and `validate`."""
+
+    def __init__(self, args, rank: int, world: int, device, out: Path):
+        import torch
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from training.objective import Conditioning
+        self.args, self.rank, self.world, self.device, self.out = args, rank, world, device, out
+        self.master = rank == 0
+        self.sd, self.model = build(args, device, rank, out)
+        self.params = self.model.trainable_parameters()
+        self.log(f"{args.preset}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M parameters in the "
+                 f"denoiser, {sum(p.numel() for p in self.params) / 1e6:.1f} M trainable (lock {args.lock}); "
+                 f"{world} process(es) on {device}, {args.precision}")
+        self.ddp = (DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1
+                    else self.model)
+        self.optimizer = make_optimizer(self.params, args, world)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+        self.amp = (torch.autocast(device.type, dtype=getattr(torch, PRECISIONS[args.precision]))
+                    if args.precision != "fp32" else contextlib.nullcontext())
+        self.text = Conditioning(self.sd)
+        self.step_count, self.skipped, self.bad_in_row = 0, 0, 0
+        self.data_pos = {"epoch": 0, "offset": 0}
+        self.last_batch = None
+        self.batches = None
+
+    def log(self, msg: str) -> None:
+        if self.master:
+            print(msg, file=sys.stderr, flush=True)
+
+    def resume(self) -> None:
+        """Weights, optimizer, scaler, step, data position and RNG states of the checkpoint that
+        --resume names (the last one in --out for "latest")."""
+        import random
+
+        import torch
+        from training.checkpoints import checkpoint_dirs, read_state
+        args, out = self.args, self.out
+        ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
+        if ckpt is None:
+            self.log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+            return
+        state = read_state(ckpt)
+        self.model.load_weights(ckpt / "retrinet.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step_count, self.skipped, self.data_pos = state["step"], state["skipped"], state["data"]
+        rng = state["rng"][self.rank] if len(state["rng"]) == self.world else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            random.setstate(rng["python"])
+        self.log(f"resumed from {ckpt} at step {self.step_count}")
+
+    def open_data(self) -> None:
+        from data.dataset import RetriBooruDataset
+        from data.stream import BatchStream
+        args = self.args
+        dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
+                                    task=args.task, prompt_drop=args.prompt_drop, seed=args.seed,
+                                    ref_resolution=args.ref_resolution, ref_background=args.ref_background)
+        self.batches = BatchStream(dataset, args.batch_size, rank=self.rank, world=self.world, seed=args.seed,
+                                   workers=args.workers, pin_memory=self.device.type == "cuda", **self.data_pos)
+
+    def next_batch(self) -> tuple[dict, int, float]:
+        """(micro-batch, its epoch, its loss weight). A batch whose every sample was unreadable is
+        replaced by the last one at weight 0, so that every process still takes part in the step."""
+        batch, epoch = next(self.batches)
+        if batch["size"] > 0:
+            self.last_batch = (batch, epoch)
+            return batch, epoch, 1.0
+        if self.last_batch is None:
+            raise RuntimeError("the first batch holds no readable sample; run python -m data.validate")
+        return (*self.last_batch, 0.0)
+
+    def step(self, stop_requested: bool, out_of_time: bool) -> dict:
+        """One optimisation step: --grad-accum micro-batches (DDP's all-reduce on the last), one
+        collective for the loss, the sample count and the stop flag, then the update unless the loss
+        or the gradient is not finite. Returns what the log and the loop need."""
+        import torch
+        from training.objective import diffusion_loss, lr_at
+        args = self.args
+        lr = lr_at(self.step_count, lr=args.lr, warmup=args.warmup, restart_every=args.restart_every,
+                   min_lr=args.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, n_samples = [], 0
+        for micro in range(args.grad_accum):
+            batch, epoch, weight = self.next_batch()
+            n_samples += batch["size"] if weight else 0
+            sync = micro == args.grad_accum - 1
+            with self.ddp.no_sync() if self.world > 1 and not sync else contextlib.nullcontext():
+                with self.amp:
+                    loss = diffusion_loss(self.ddp, self.sd, self.sd.schedule, self.text, batch, epoch=epoch,
+                                          seed=args.seed, face_weight=args.face_weight, ref_drop=args.ref_drop)
+                self.scaler.scale(loss * (weight / args.grad_accum)).backward()
+            losses.append(loss.detach().float())
+        loss, n_samples, stopping = all_sum([torch.stack(losses).mean(), n_samples, stop_requested or out_of_time],
+                                            self.world)
+        loss /= self.world
+        finite, grad_norm = math.isfinite(loss), float("nan")
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.clip_grad or float("inf")).item()
+            finite = math.isfinite(grad_norm)
+            if finite or self.scaler.is_enabled():  # the scaler skips the update itself on inf / NaN gradients
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        if finite:
+            self.bad_in_row = 0
+        else:
+            self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "samples": n_samples,
+                "stopping": bool(stopping)}
+
+    def save(self, tag: str = "") -> None:
+        """Collective: ZeRO gathers the full optimizer state on rank 0, which writes the checkpoint."""
+        import random
+
+        import torch
+        import torch.distributed as dist
+        from training.checkpoints import write_checkpoint
+        args, world = self.args, self.world
+        if args.zero and world > 1:
+            self.optimizer.consolidate_state_dict(to=0)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if self.master:
+            state = {"step": self.step_count, "skipped": self.skipped, "data": self.batches.state(),
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
+                     "args": json.dumps(vars(args))}
+            path = write_checkpoint(self.out, self.step_count, self.model, state, args.keep)
+            self.log(f"saved {path}{tag}")
+        if world > 1:
+            dist.barrier()
+
+    def validate(self, records: list[dict]) -> None:
+        """Rank 0 writes samples/step-NNNNNN.png: the validation records' references and samples."""
+        from training.validation import sample_grid
+        args = self.args
+        if not (self.master and records):
+            return
+        with self.amp:  # frozen parts may be in half precision
+            grid = sample_grid(self.sd, self.model, Path(args.val_data or args.data), records, k=args.refs,
+                               size=args.resolution, ref_size=args.ref_resolution or args.resolution,
+                               steps=args.val_steps, guidance=args.val_guidance,
+                               ref_guidance=args.val_ref_guidance if args.ref_drop > 0 else None,
+                               seed=args.seed, ref_background=args.ref_background)
+        (self.out / "samples").mkdir(exist_ok=True)
+        grid.save(self.out / "samples" / f"step-{self.step_count:06d}.png")
+
+
+class StepLog:
+    """log.jsonl records and the progress line, every --log-every steps (and at the end or on a
+    non-finite step), with the sample rate since the last record."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.file = open(run.out / "log.jsonl", "a") if run.master else None
+        self.first_step, self.t_start = run.step_count, time.perf_counter()
+        self.t_last, self.samples = self.t_start, 0.0
+
+    def __call__(self, result: dict) -> None:
+        run, args = self.run, self.run.args
+        self.samples += result["samples"]
+        step = run.step_count
+        if not (run.master and (step % args.log_every == 0 or step == args.max_steps or not result["finite"])):
+            return
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.t_last, 1e-9)
+        eta = (args.max_steps - step) * (now - self.t_start) / (step - self.first_step)
+        loss, grad_norm = result["loss"], result["grad_norm"]
+        record = {"step": step, "loss": loss if math.isfinite(loss) else None, "lr": result["lr"],
+                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "skipped": run.skipped,
+                  "samples_per_s": round(rate, 3), "peak_memory_mb": round(peak_memory_mb(run.device), 1)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        print(f"step {step}/{args.max_steps} | loss {loss:.4f} | lr {result['lr']:.2e} | grad norm {grad_norm:.3f} | "
+              f"{rate:.1f} samples/s | skipped {run.skipped} | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+              file=sys.stderr, flush=True)
+        self.t_last, self.samples = now, 0.0
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     problems = check_args(args)
@@ -231,101 +430,30 @@ def main(argv=None) -> int:
 
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from common.weights import CheckpointError
-    from data.dataset import RetriBooruDataset
-    from retrinet.training import (BatchStream, Conditioning, checkpoint_dirs, diffusion_loss, lr_at, read_state,
-                                   sample_grid, validation_records, write_checkpoint)
+    from training.validation import validation_records
 
     rank, world, device = setup_distributed(args.device)
-    master = rank == 0
     out = Path(args.out)
-
-    def log(msg):
-        if master:
-            print(msg, file=sys.stderr, flush=True)
-
     torch.manual_seed(args.seed + rank)  # per-rank; each sample's own randomness is seeded by its index
     random.seed(args.seed + rank)
-    if master:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     if world > 1:
         dist.barrier()
+
+    # -- build, resume ----------------------------------------------------------------------------
     try:
-        sd, model = build(args, device, rank, out)
-    except (CheckpointError, ValueError) as e:
+        run = Run(args, rank, world, device, out)
+        if args.resume:
+            run.resume()
+        run.open_data()
+        val_records = validation_records(Path(args.val_data or args.data), args.val_count) if run.master else []
+    except (CheckpointError, ValueError) as e:  # AnnotationError is a ValueError
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    params = model.trainable_parameters()
-    n_train = sum(p.numel() for p in params)
-    log(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters in the denoiser, "
-        f"{n_train / 1e6:.1f} M trainable (lock {args.lock}); {world} process(es) on {device}, {args.precision}")
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    optimizer = make_optimizer(params, args, world)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
-    amp = (torch.autocast(device.type, dtype=getattr(torch, PRECISIONS[args.precision]))
-           if args.precision != "fp32" else contextlib.nullcontext())
-
-    # -- resume ----------------------------------------------------------------------------------
-    step, skipped, bad_in_row, data_pos = 0, 0, 0, {"epoch": 0, "offset": 0}
-    if args.resume:
-        ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
-        if ckpt is None:
-            log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
-        else:
-            state = read_state(ckpt)
-            model.load_weights(ckpt / "retrinet.safetensors")
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step, skipped, data_pos = state["step"], state["skipped"], state["data"]
-            rng = state["rng"][rank] if len(state["rng"]) == world else None
-            if rng is not None:
-                torch.set_rng_state(rng["torch"])
-                if device.type == "cuda" and rng.get("cuda") is not None:
-                    torch.cuda.set_rng_state(rng["cuda"], device)
-                random.setstate(rng["python"])
-            log(f"resumed from {ckpt} at step {step}")
-
-    dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
-                                task=args.task, p_drop=args.p_drop, seed=args.seed, ref_resolution=args.ref_resolution,
-                                ref_background=args.ref_background)
-    batches = BatchStream(dataset, args.batch_size, rank=rank, world=world, seed=args.seed, workers=args.workers,
-                          pin_memory=device.type == "cuda", **data_pos)
-    schedule, text = sd.schedule, Conditioning(sd)
-    val_root = Path(args.val_data or args.data)
-    val_records = validation_records(val_root, args.val_count) if master else []
-
-    def save(tag=""):
-        """Collective: ZeRO gathers the full optimizer state on rank 0, which writes the checkpoint."""
-        if args.zero and world > 1:
-            optimizer.consolidate_state_dict(to=0)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if master:
-            state = {"step": step, "skipped": skipped, "data": batches.state(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "args": json.dumps(vars(args))}
-            path = write_checkpoint(out, step, model, state, args.keep)
-            log(f"saved {path}{tag}")
-        if world > 1:
-            dist.barrier()
-
-    def validate():
-        if master and val_records:
-            with amp:  # frozen parts may be in half precision
-                grid = sample_grid(sd, model, val_root, val_records, k=args.refs, size=args.resolution,
-                                   ref_size=args.ref_resolution or args.resolution,
-                                   steps=args.val_steps, guidance=args.val_guidance,
-                                   ref_guidance=args.val_ref_guidance if args.ref_drop > 0 else None,
-                                   seed=args.seed, ref_background=args.ref_background)
-            (out / "samples").mkdir(exist_ok=True)
-            grid.save(out / "samples" / f"step-{step:06d}.png")
 
     stop = {"signal": None}
 
@@ -337,89 +465,34 @@ def main(argv=None) -> int:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    # -- training loop (nanoGPT style: one explicit step at a time) -----------------------------------
-    log_file = open(out / "log.jsonl", "a") if master else None
+    # -- the loop: one optimisation step at a time, then checkpoint / stop ------------------------------
+    log = StepLog(run)
+    status = 0
     try:
-        model.train()
-        last_batch, first_step, t_start = None, step, time.perf_counter()
-        t_log, samples_since = t_start, 0.0
-        status = 0
-        while step < args.max_steps:
-            lr = lr_at(step, lr=args.lr, warmup=args.warmup, restart_every=args.restart_every, min_lr=args.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses, n_samples = [], 0
-            for micro in range(args.grad_accum):
-                batch, epoch = next(batches)
-                weight = 1.0
-                if batch["size"] == 0:  # every sample unreadable: redo the last batch at zero weight (keeps DDP in step)
-                    if last_batch is None:
-                        raise RuntimeError("the first batch holds no readable sample; run python -m data.validate")
-                    (batch, epoch), weight = last_batch, 0.0
-                last_batch = (batch, epoch)
-                n_samples += batch["size"] if weight else 0
-                sync = micro == args.grad_accum - 1
-                with ddp.no_sync() if world > 1 and not sync else contextlib.nullcontext():
-                    with amp:
-                        loss = diffusion_loss(ddp, sd, schedule, text, batch, epoch=epoch, seed=args.seed,
-                                              face_weight=args.face_weight, ref_drop=args.ref_drop)
-                    scaler.scale(loss * (weight / args.grad_accum)).backward()
-                losses.append(loss.detach().float())
-            # One collective per step: the loss, the samples, and whether any process must stop.
-            out_of_time = args.time_limit and time.perf_counter() - t_start > 60 * args.time_limit
-            loss, n_samples, stopping = all_sum([torch.stack(losses).mean(), n_samples,
-                                                 stop["signal"] is not None or out_of_time], world)
-            loss /= world
-            finite = math.isfinite(loss)
-            if finite:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf")).item()
-                finite = math.isfinite(grad_norm)
-                if finite or scaler.is_enabled():  # the scaler skips the update itself on inf / NaN gradients
-                    scaler.step(optimizer)
-                    scaler.update()
-            else:
-                grad_norm = float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples_since += n_samples
-            if finite:
-                bad_in_row = 0
-            else:
-                skipped, bad_in_row = skipped + 1, bad_in_row + 1
-
-            if master and (step % args.log_every == 0 or step == args.max_steps or not finite):
-                now = time.perf_counter()
-                rate = samples_since / max(now - t_log, 1e-9)
-                eta = (args.max_steps - step) * (now - t_start) / (step - first_step)
-                record = {"step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "skipped": skipped,
-                          "samples_per_s": round(rate, 3), "peak_memory_mb": round(peak_memory_mb(device), 1)}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                print(f"step {step}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                      f"{rate:.1f} samples/s | skipped {skipped} | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
-                      file=sys.stderr, flush=True)
-                t_log, samples_since = now, 0.0
-            if bad_in_row >= MAX_BAD_STEPS:
-                log(f"train.py: error: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient; stopping. "
-                    f"The checkpoint holds the last good weights. Lower --lr or use --precision fp32.")
-                save(" (after non-finite steps)")
+        run.model.train()
+        while run.step_count < args.max_steps:
+            out_of_time = bool(args.time_limit) and time.perf_counter() - log.t_start > 60 * args.time_limit
+            result = run.step(stop["signal"] is not None, out_of_time)
+            log(result)
+            step = run.step_count
+            if run.bad_in_row >= MAX_BAD_STEPS:
+                run.log(f"train.py: error: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient; "
+                        f"stopping. The checkpoint holds the last good weights. Lower --lr or use --precision fp32.")
+                run.save(" (after non-finite steps)")
                 status = 3
                 break
-            if stopping:  # every process stops here
+            if result["stopping"]:  # every process stops here
                 why = stop["signal"] or ("the time limit" if out_of_time else "a signal on another process")
-                save(f" (stopped by {why} at step {step})")
+                run.save(f" (stopped by {why} at step {step})")
                 break
             if step % args.save_every == 0 or step == args.max_steps:
-                save()
+                run.save()
             if args.val_every and step % args.val_every == 0 or step == args.max_steps:
-                validate()
+                run.validate(val_records)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if log_file:
-            log_file.close()
+        log.close()
         if world > 1:
             dist.destroy_process_group()
     return status

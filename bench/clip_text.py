@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from common.options import PRECISIONS  # noqa: E402
 
 
 def main():
@@ -24,7 +25,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
     args = ap.parse_args()
     import transformers  # test-only oracle, imported here and nowhere in runtime code
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip import CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, preprocess  # noqa: E402
+from common.options import PRECISIONS  # noqa: E402
 from eval.embed import FeatureExtractor, encode_images  # noqa: E402
 
 ANSWER = ("The character in the image is a young girl with long blonde hair, wearing headphones and a tie. She "
@@ -54,7 +55,7 @@ def main():
     ap.add_argument("--size", type=int, default=384, help="generated image size (paper: 384)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+    ap.add_argument("--precision", choices=list(PRECISIONS), default=None,
                     help="default: fp16 on CUDA, fp32 on the CPU (as python -m eval)")
     args = ap.parse_args()
     precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")

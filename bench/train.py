@@ -23,8 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data.dataset import RetriBooruDataset  # noqa: E402
+from retrinet import LOCKS  # noqa: E402
 from data.synthetic import generate  # noqa: E402
-from retrinet.training import BatchStream, Conditioning, diffusion_loss, frozen_to  # noqa: E402
+from data.stream import BatchStream  # noqa: E402
+from training.objective import Conditioning, diffusion_loss  # noqa: E402
+from training.presets import PRESETS, frozen_to  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}  # dense fp16 tensor-core peaks
 
@@ -49,9 +52,9 @@ def build_random_sd15(args, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--preset", choices=list(PRESETS), default="tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--lock", default="none", choices=["none", "decoder", "both"])
+    ap.add_argument("--lock", default="none", choices=LOCKS)
     ap.add_argument("--data", default=None, help="RetriBooru root (default: a synthetic one in a temp folder)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
@@ -81,7 +84,7 @@ def main():
         amp, scaler = torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     params = model.trainable_parameters()
     optimizer = train.make_optimizer(params, args, 1)
-    dataset = RetriBooruDataset(data, resolution=args.resolution, k=args.refs, p_drop=args.p_drop,
+    dataset = RetriBooruDataset(data, resolution=args.resolution, k=args.refs, prompt_drop=args.prompt_drop,
                                 ref_resolution=args.ref_resolution)
     stream = BatchStream(dataset, args.batch_size, rank=0, world=1, seed=0, workers=args.workers,
                          pin_memory=device.type == "cuda")

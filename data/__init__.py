@@ -1,1 +1,1 @@
-"""The RetriBooru dataset: format, loader, concept crops, synthetic generator (DESIGN.md section 4)."""
+"""The RetriBooru dataset: format, loader, concept crops, synthetic generator (docs/design.md section 4)."""

@@ -1,4 +1,4 @@
-"""RetriBooru construction pipeline (paper Supp. A.1, Algorithm 1; DESIGN.md section 4).
+"""RetriBooru construction pipeline (paper Supp. A.1, Algorithm 1; docs/design.md section 4).
 
     python -m data.build --metadata M --vqa V --cloth-tags C --masks DIR --boxes B --out OUT
                          [--root R] [--truth T] [--drop-tags a,b,...] [--question Q]

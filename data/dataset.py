@@ -1,7 +1,7 @@
-"""The RetriBooru training loader (paper Sec. 5, Supp. A.4; DESIGN.md section 4).
+"""The RetriBooru training loader (paper Sec. 5, Supp. A.4; docs/design.md section 4).
 
 Per target it yields the image fitted into a `resolution` square and padded, its valid-area and
-face masks, its prompt (dropped to "" with probability `p_drop`), and K references with their
+face masks, its prompt (dropped to "" with probability `prompt_drop`), and K references with their
 concept texts:
 
 * setting "b" (default, leakage-free): references are other images of the same identity
@@ -13,13 +13,15 @@ concept texts:
   "figure" when the face box reaches the bottom edge; "multi": recon or compose per batch, chosen by
   `TaskBatchSampler`.
 
-Randomness comes from numpy generators seeded by (seed, epoch, index), so a sample does not depend
-on worker count or order. A sample that cannot be read is skipped (None, dropped by `collate`,
+The records come from data.annotations: a missing file, a line that is not a JSON object or a
+record without every required field raises AnnotationError (a ValueError) naming the file and line
+at construction. Randomness comes from numpy generators seeded by (seed, epoch, index), so a sample
+does not depend on worker count or order. A sample that cannot be made (an unreadable image or
+mask, a face box outside the image, no usable `similar` id) is skipped (None, dropped by `collate`,
 counted in the batch's "skipped"), its id logged once per process; `strict=True` raises instead.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+from .annotations import load_records
 from .transforms import box_mask, fit_and_pad
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ REF_BACKGROUNDS = ("keep", "white")
 
 class RetriBooruDataset(Dataset):
     def __init__(self, root: str | Path, resolution: int = 384, k: int = 2, setting: str = "b", task: str = "recon",
-                 p_drop: float = 0.5, ref_repeat: bool = False, seed: int = 0, strict: bool = False,
+                 prompt_drop: float = 0.5, ref_repeat: bool = False, seed: int = 0, strict: bool = False,
                  ref_resolution: int | None = None, ref_background: str = "keep"):
         if setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
@@ -46,23 +49,15 @@ class RetriBooruDataset(Dataset):
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if ref_background not in REF_BACKGROUNDS:
             raise ValueError(f"ref_background must be one of {REF_BACKGROUNDS}, got {ref_background!r}")
-        if k < 1 or resolution < 8 or not 0 <= p_drop <= 1:
-            raise ValueError(f"need k >= 1, resolution >= 8, 0 <= p_drop <= 1; got {k}, {resolution}, {p_drop}")
+        if k < 1 or resolution < 8 or not 0 <= prompt_drop <= 1:
+            raise ValueError(f"need k >= 1, resolution >= 8, 0 <= prompt_drop <= 1; "
+                             f"got {k}, {resolution}, {prompt_drop}")
         self.root = Path(root)
-        path = self.root / "annotations.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (a RetriBooru root holds annotations.jsonl)")
-        self.records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); run python -m data.validate") from None
+        self.records = load_records(self.root)  # AnnotationError (a ValueError) naming file and line
         self.by_id = {r["id"]: r for r in self.records}
         self.resolution, self.k, self.setting, self.task = resolution, k, setting, task
         self.ref_resolution = ref_resolution or resolution  # references may be smaller than the target
-        self.p_drop, self.ref_repeat, self.seed, self.strict = p_drop, ref_repeat, seed, strict
+        self.prompt_drop, self.ref_repeat, self.seed, self.strict = prompt_drop, ref_repeat, seed, strict
         self.ref_background = ref_background
         self.epoch = 0
         self._logged: set[str] = set()
@@ -109,7 +104,7 @@ class RetriBooruDataset(Dataset):
         _check_box(rec, image)
         pixels, valid = fit_and_pad(image, self.resolution)
         face = box_mask(rec["face_bbox"], image.width, image.height, self.resolution)
-        prompt = "" if rng.random() < self.p_drop else rec["prompt"]
+        prompt = "" if rng.random() < self.prompt_drop else rec["prompt"]
 
         if self.setting == "a":
             sources = [(rec, _augment(self._reference(rec, image), rng)) for _ in range(self.k)]

@@ -1,4 +1,4 @@
-"""Procedural synthetic RetriBooru dataset (DESIGN.md section 4).
+"""Procedural synthetic RetriBooru dataset (docs/design.md section 4).
 
 Draws anime-like figures with PIL (at 4x, then LANCZOS-downsampled) and writes
 

@@ -1,44 +1,13 @@
-"""Image geometry shared by the training loader and sampling: fit into a square and pad.
+"""Geometry of the training loader: the face box after `common.images.fit_and_pad`.
 
-Training images and references are resized so that their longer side equals the training
-resolution (aspect kept) and centred on a white square; the valid-area mask marks the real pixels.
-Sampling prepares its references with the same function, so the model sees them as in training.
+Images and references are fitted into a square and padded by `fit_and_pad` (re-exported here), the
+function sampling uses too, so the model sees references as in training.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-WHITE = (255, 255, 255)
-
-
-def fit_box(width: int, height: int, size: int) -> tuple[float, int, int, int, int]:
-    """(scale, new_w, new_h, left, top) placing a width x height image inside a size x size square."""
-    scale = size / max(width, height)
-    nw, nh = max(1, round(width * scale)), max(1, round(height * scale))
-    return scale, nw, nh, (size - nw) // 2, (size - nh) // 2
-
-
-def fit_and_pad(image: Image.Image, size: int, fill=WHITE) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGB image -> (float (3, size, size) in [-1, 1], valid-area mask (1, size, size) in {0, 1}).
-
-    Resizing is antialiased bilinear on the uint8 pixels through torch (its channels-last uint8 kernel
-    is several times faster than PIL's resize, which dominated the loader's time)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    _, nw, nh, left, top = fit_box(image.width, image.height, size)
-    hwc = torch.from_numpy(np.array(image))                       # (H, W, 3) uint8
-    pixels = hwc.permute(2, 0, 1)[None]                           # (1, 3, H, W), channels-last in memory
-    if (nh, nw) != (image.height, image.width):
-        pixels = F.interpolate(pixels, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    canvas = torch.empty(3, size, size, dtype=torch.uint8)
-    canvas[:] = torch.tensor(fill, dtype=torch.uint8)[:, None, None]
-    canvas[:, top:top + nh, left:left + nw] = pixels[0]
-    valid = torch.zeros(1, size, size)
-    valid[:, top:top + nh, left:left + nw] = 1
-    return canvas.float().div_(127.5).sub_(1), valid
+from common.images import fit_and_pad, fit_box  # noqa: F401  (the loader's image geometry)
 
 
 def box_mask(box, width: int, height: int, size: int) -> torch.Tensor:

@@ -1,48 +1,20 @@
 """Check a RetriBooru root (data/README.md): `python -m data.validate ROOT`.
 
-Reports every problem with its sample id (or line number for lines that are not valid JSON): missing
-fields, duplicate ids, missing / unreadable image or mask files, size mismatches, empty face boxes or
-boxes outside the image, `similar` ids that do not exist or point to the sample itself, asymmetric
-`similar` lists. Exit status 0 only for a clean dataset.
+Reports every problem with its sample id (or line number for lines that are not valid JSON): lines
+that are not JSON objects and missing or mistyped fields (data.annotations.read_annotations, which
+reads the file), duplicate ids, missing / unreadable image or mask files, size mismatches, empty
+face boxes or boxes outside the image, `similar` ids that do not exist or point to the sample
+itself, asymmetric `similar` lists. Exit status 0 only for a clean dataset.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from PIL import Image
 
-REQUIRED = {"id": str, "image": str, "mask": str, "width": int, "height": int, "character": str, "artist": str,
-            "tags": list, "cloth_tags": list, "prompt": str, "face_bbox": list, "similar": list}
-
-
-def read_annotations(root: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, record) for each well-formed line of ROOT/annotations.jsonl, and the problems."""
-    path = Path(root) / "annotations.jsonl"
-    if not path.is_file():
-        return [], [f"{path}: no such file"]
-    records, problems = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {n}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(rec, dict):
-            problems.append(f"line {n}: expected a JSON object")
-            continue
-        who = f"sample {rec.get('id', '?')} (line {n})"
-        bad = [f"{k} (expected {t.__name__})" for k, t in REQUIRED.items()
-               if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
-        if bad:
-            problems.append(f"{who}: missing or mistyped fields: {', '.join(bad)}")
-            continue
-        records.append((n, rec))
-    return records, problems
+from .annotations import read_annotations
 
 
 def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int], problems: list[str]) -> None:
@@ -65,7 +37,8 @@ def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int]
 def validate(root: str | Path, check_files: bool = True) -> list[str]:
     """Every problem found in the RetriBooru root, each naming its sample id or line."""
     root = Path(root)
-    records, problems = read_annotations(root)
+    problems: list[str] = []
+    records = read_annotations(root, problems)
     ids = {}
     for n, rec in records:
         if rec["id"] in ids:
@@ -105,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("root", help="folder holding annotations.jsonl")
     args = ap.parse_args(argv)
     problems = validate(args.root)
-    n = len(read_annotations(Path(args.root))[0])
+    n = len(read_annotations(args.root, []))
     for p in problems:
         print(p)
     print(f"{args.root}: {n} samples, " + (f"{len(problems)} problems" if problems else "clean"), file=sys.stderr)

@@ -16,9 +16,9 @@ import torch
 
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, load_text_encoder
 from common.weights import CheckpointError
-from unet import UNet, UNetConfig, load_unet
+from unet import UNet, UNetConfig, config_from_diffusers, load_unet
 from vae import AutoencoderKL, PixelSpace, PixelSpaceConfig, VAEConfig, load_vae
-from .samplers import make_sampler
+from .samplers import SAMPLERS, make_sampler
 from .schedule import NoiseSchedule
 
 LATENT_SCALE = 0.18215  # LDM's scale_factor: latents = 0.18215 * vae.encode(x).sample()
@@ -82,6 +82,37 @@ def load_configs(path: str | Path) -> dict:
         raise ValueError(f"{path}: bad config field ({e})") from None
 
 
+def unet_config_for(weights: str | Path, config: str | Path | None = None) -> UNetConfig:
+    """The U-Net config `load_sd15(weights, configs=load_configs(config))` will build, without
+    reading any weights: `config`'s, else the diffusers folder's unet/config.json, else SD v1.5's."""
+    cfg = load_configs(config)["unet"] if config else None
+    unet_json = Path(weights) / "unet" / "config.json"
+    if cfg is None and unet_json.is_file():
+        try:
+            cfg = config_from_diffusers(json.loads(unet_json.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{unet_json}: not valid JSON ({e})") from None
+    return cfg or UNetConfig.sd15()
+
+
+def sampling_problems(*, weights: str | Path, config: str | Path | None, sampler: str, height: int, width: int,
+                      steps: int, num: int) -> list[str]:
+    """Problems with a text-to-image request, found before any model is built (messages name the
+    options of sample.py and eval.protocol, which share them)."""
+    problems = []
+    if not Path(weights).exists():
+        problems.append(f"--weights {weights}: no such file or folder")
+    if sampler not in SAMPLERS:
+        problems.append(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    problems += [f"--{name} {value} must be a positive multiple of 8" for name, value in (("height", height),
+                 ("width", width)) if value <= 0 or value % 8]
+    if steps < 1 or num < 1:
+        problems.append(f"--steps ({steps}) and --num ({num}) must be at least 1")
+    if config and not Path(config).is_file():
+        problems.append(f"--config {config}: no such file")
+    return problems
+
+
 def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               configs: dict | None = None) -> StableDiffusion:
     """All of SD v1.5 from the single file or the diffusers folder, on `device` in `dtype`.
@@ -105,51 +136,52 @@ def load_sd15(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     return StableDiffusion(unet, vae, text_encoder, tokenizer, configs.get("schedule") or NoiseSchedule.sd15())
 
 
+class ClassifierFreeGuidance:
+    """The guided prediction of `model(x, t, context)` at `scale`, in one batched call per step:
+        out = model(x, negative) + scale * (model(x, prompt) - model(x, negative))
+    `scale` <= 1 runs the prompt alone."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], scale: float):
+        self.model, self.scale = model, scale
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, negative: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.scale <= 1.0:
+            return self.model(x, t, context)
+        uncond, cond = self.model(torch.cat([x] * 2), t, torch.cat([negative, context])).chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
 @torch.no_grad()
 def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, num: int = 1, steps: int = 50,
                   guidance: float = 7.0, sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512,
                   progress: Callable[[int, int], None] | None = None,
-                  denoiser: Callable[..., torch.Tensor] | None = None, ref_guidance: float | None = None
-                  ) -> torch.Tensor:
+                  predictor: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Generate `num` images for one prompt; returns uint8 (num, H, W, 3) on the CPU.
 
-    `denoiser(x, t, context) -> eps` replaces the plain U-Net (RetriNet's reference-conditioned one,
-    for instance); it receives the whole guidance batch at once. `ref_guidance` (a denoiser that
-    takes `ref_drop`, i.e. a RetriNet with a null reference) guides references and text separately,
-    InstructPix2Pix-style, in one batched call over (null refs, no text), (refs, no text), (refs, text):
-        eps = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
+    `predictor(x, t, negative, context)` is the guided model output at one step, given the negative
+    and the prompt embeddings (num, L, D) each; by default `ClassifierFreeGuidance(sd.unet,
+    guidance)`, and `guidance` serves only that default. Conditioning models bring their own
+    (`retrinet.sampling`); this loop knows nothing of them.
 
     Matches diffusers' StableDiffusionPipeline called with a CPU `torch.Generator().manual_seed(seed)`:
     the initial latents (num, 4, H/8, W/8) are drawn at once from that generator, and stochastic
-    samplers draw their noise from it too. Guidance <= 1 runs the prompt alone.
+    samplers draw their noise from it too.
     """
     f = sd.vae.config.downscale
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
     generator = torch.Generator().manual_seed(seed)
-    use_cfg = guidance > 1.0 or ref_guidance is not None
+    predictor = predictor or ClassifierFreeGuidance(sd.unet, guidance)
     context = sd.encode_prompts([prompt] * num)
-    if use_cfg:
-        negative = sd.encode_prompts([negative_prompt] * num)
-        context = torch.cat([negative, context] if ref_guidance is None else [negative, negative, context])
-    if ref_guidance is not None:  # the first third of the batch sees the null reference
-        drop = torch.tensor([True] * num + [False] * 2 * num, device=sd.device)
+    negative = sd.encode_prompts([negative_prompt] * num)
 
-    model = denoiser or sd.unet
     clip = {"clip_sample": sd.clip_sample} if sd.clip_sample is not None and sampler == "ddim" else {}
     s = make_sampler(sampler, steps, sd.schedule, **clip)
     shape = (num, sd.unet.config.in_channels, height // f, width // f)
     x = torch.randn(shape, generator=generator, dtype=sd.dtype).to(sd.device) * s.init_noise_sigma
     for i, t in enumerate(s.timesteps):
         model_in = s.scale_model_input(x, i)
-        if ref_guidance is not None:
-            e_null, e_ref, e_full = model(torch.cat([model_in] * 3), t.to(sd.device), context, ref_drop=drop).chunk(3)
-            out = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
-        elif use_cfg:
-            eps_uncond, eps_text = model(torch.cat([model_in] * 2), t.to(sd.device), context).chunk(2)
-            out = eps_uncond + guidance * (eps_text - eps_uncond)
-        else:
-            out = model(model_in, t.to(sd.device), context)
+        out = predictor(model_in, t.to(sd.device), negative, context)
         # A v model's output becomes eps after guidance: the conversion is affine with weights summing
         # to 1, so guiding v or eps is the same.
         x = s.step(sd.schedule.to_eps(out, model_in, t), i, x, generator=generator)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from common.options import PRECISIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

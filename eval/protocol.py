@@ -21,7 +21,6 @@ prompts.txt: one prompt per line; blank lines and lines starting with # are skip
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -29,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from common.jsonl import read_objects
+from common.options import CONCEPTS, PRECISIONS
 from .manifest import Generation, ManifestError, resolve, write_manifest
 
-CONCEPTS = ("figure", "face", "clothes")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -39,20 +39,10 @@ def read_characters(path: str | Path) -> list[dict]:
     """[{"id", "refs" (absolute paths), "concepts" (one per reference)}] from a characters JSONL file;
     ManifestError on a bad line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read it ({e})") from None
     out, seen = [], {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, obj in read_objects(path, ManifestError):
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict) or "id" not in obj or "refs" not in obj:
+        if "id" not in obj or "refs" not in obj:
             raise ManifestError(f"{where}: expected an object with 'id' (string), 'refs' (list of image paths) "
                                 f"and optionally 'concepts' (list of {', '.join(CONCEPTS)})")
         cid, refs, concepts = obj["id"], obj["refs"], obj.get("concepts", [])
@@ -91,6 +81,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from retrinet import METHODS
     ap = argparse.ArgumentParser(prog="python -m eval.protocol", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--characters", required=True, help="characters JSONL (id, refs, concepts)")
@@ -101,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weights", required=True, help="SD v1.5 single .safetensors file or diffusers folder")
     ap.add_argument("--retrinet", default=None, help="RetriNet checkpoint or official ControlNet file "
                                                      "(without: SD v1.5 from the prompt alone)")
-    ap.add_argument("--mode", choices=["retrinet", "controlnet"], default=None)
+    ap.add_argument("--mode", choices=list(METHODS), default=None,
+                    help="what --retrinet holds (default: read from the file)")
     ap.add_argument("--out", required=True, help="this model's folder: images and manifest.jsonl")
     ap.add_argument("--model", default=None, help="model name in the manifest (default: the --out folder's name)")
     ap.add_argument("--size", type=int, default=384, help="generated images are size x size (paper: 384)")
@@ -112,30 +104,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sampler", default="pndm")
     ap.add_argument("--negative-prompt", default="")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
+    ap.add_argument("--precision", choices=list(PRECISIONS), default=None)
     ap.add_argument("--config", default=None, help="model configs JSON, as sample.py --config")
     return ap.parse_args(argv)
 
 
-def sample_args(args: argparse.Namespace, character: dict, prompt: str, seed: int) -> argparse.Namespace:
-    """sample.py's arguments for one batch of the grid."""
-    import sample
-    argv = ["--weights", args.weights, f"--prompt={prompt}", f"--negative-prompt={args.negative_prompt}",
-            "--steps", str(args.steps), "--guidance", str(args.guidance), "--sampler", args.sampler,
-            "--seed", str(seed), "--num", str(args.per_seed), "--height", str(args.size), "--width", str(args.size),
-            "--device", args.device, "--out", args.out]
-    for flag in ("precision", "config", "mode", "ref_guidance"):
-        if getattr(args, flag) is not None:
-            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    if args.retrinet:
-        argv += ["--retrinet", args.retrinet, "--ref-size", str(args.ref_size), "--refs", *character["refs"]]
-        argv += ["--concepts", *character["concepts"]]
-    return sample.parse_args(argv)
+def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
+    """Every problem with the arguments and the characters' references, found before any model is
+    built (the checks sample.py makes); resolves --device, --precision and --mode."""
+    from common.images import open_image
+    from common.options import default_precision, device_problems, resolve_device
+    from diffusion.sd15 import sampling_problems, unet_config_for
+    from retrinet import reference_problems
+    problems = []
+    for c in characters:
+        for p in c["refs"]:
+            try:
+                open_image(p, "reference")
+            except ValueError as e:
+                problems.append(f"{c['where']}: {e}")
+    if problems:
+        return problems
+    problems = sampling_problems(weights=args.weights, config=args.config, sampler=args.sampler, height=args.size,
+                                 width=args.size, steps=args.steps, num=args.per_seed)
+    args.device = resolve_device(args.device)
+    args.precision = args.precision or default_precision(args.device)
+    problems += device_problems(args.device, args.precision)
+    if problems or not args.retrinet:
+        return problems + (["--ref-guidance needs --retrinet"] if args.ref_guidance is not None and not args.retrinet
+                           else [])
+    try:
+        unet_config = unet_config_for(args.weights, args.config)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    for i, c in enumerate(characters):
+        found, method = reference_problems(args.retrinet, c["refs"], c["concepts"], ref_size=args.ref_size,
+                                           ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config)
+        args.mode = args.mode or method
+        problems += [p if i == 0 else f"{c['where']}: {p}" for p in found
+                     if p not in problems and f"{c['where']}: {p}" not in problems]
+    return problems
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import sample
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -150,26 +162,11 @@ def main(argv=None) -> int:
         return fail(str(e), 2)
     if args.seeds < 1 or args.per_seed < 1 or args.first_seed < 0:
         return fail(f"--seeds ({args.seeds}) and --per-seed ({args.per_seed}) must be >= 1, --first-seed >= 0", 2)
-    from retrinet.sampling import open_reference
-    problems = []
-    for c in characters:
-        for p in c["refs"]:
-            try:
-                open_reference(p)
-            except ValueError as e:
-                problems.append(f"{c['where']}: {e}")
-    # sample.py's own checks (weights, checkpoint, sizes, device, references), once per character
-    base = sample_args(args, characters[0], prompts[0], args.first_seed)
-    if not problems:
-        problems += sample.check_args(base)
-        for c in characters[1:]:
-            problems += [f"{c['where']}: {p}" for p in sample.check_args(sample_args(args, c, prompts[0], 0))
-                         if f"{c['where']}: {p}" not in problems and p not in problems]
+    problems = check(args, characters)
     if problems:
         for p in problems:
             log(f"python -m eval.protocol: error: {p}")
         return 2
-    args.device, args.precision, args.mode = base.device, base.precision, base.mode
 
     out = Path(args.out)
     model_name = args.model or out.resolve().name
@@ -198,11 +195,16 @@ def main(argv=None) -> int:
         write_manifest(manifest, [g for j in jobs if done[j] for g in entries(*j)])
 
     if todo:
+        from common.images import open_image, save_png
+        from common.options import torch_dtype
         from common.weights import CheckpointError
+        from diffusion.sd15 import load_configs, load_sd15
+        from retrinet import generate, load_reference_model, png_parameters
         start = time.perf_counter()
         try:
-            sd = sample.load_sd(base)
-            model = sample.load_reference_model(base, sd) if args.retrinet else None
+            sd = load_sd15(args.weights, device=args.device, dtype=torch_dtype(args.precision),
+                           configs=load_configs(args.config) if args.config else None)
+            model = load_reference_model(args.retrinet, sd.unet).eval() if args.retrinet else None
         except (CheckpointError, ValueError) as e:
             return fail(str(e), 1)
         log(f"loaded {args.weights}{' + ' + args.retrinet if args.retrinet else ''} on {args.device} in "
@@ -211,11 +213,17 @@ def main(argv=None) -> int:
         for n, (ci, k, seed) in enumerate(todo, 1):
             t0 = time.perf_counter()
             c = characters[ci]
-            job_args = sample_args(args, c, prompts[k], seed)   # device, precision, mode: resolved above
             (out / c["id"]).mkdir(parents=True, exist_ok=True)
-            for (image, params), path in zip(sample.generate(job_args, sd, model), paths(ci, k, seed)):
+            references = [open_image(p, "reference") for p in c["refs"]] if model is not None else []
+            images, params = generate(sd, prompts[k], model=model, references=references, concepts=c["concepts"],
+                                      negative_prompt=args.negative_prompt, num=args.per_seed, steps=args.steps,
+                                      guidance=args.guidance, ref_guidance=args.ref_guidance, sampler=args.sampler,
+                                      seed=seed, height=args.size, width=args.size, ref_size=args.ref_size)
+            for image, p, path in zip(images, params, paths(ci, k, seed)):
+                record = png_parameters(p, weights=args.weights, precision=args.precision, device=args.device,
+                                        checkpoint=args.retrinet, reference_files=c["refs"])
                 tmp = path.with_name(f".{path.stem}.partial.png")
-                sample.save_png(image, {**params, "model": model_name, "character": c["id"], "prompt_index": k}, tmp)
+                save_png(image, {**record, "model": model_name, "character": c["id"], "prompt_index": k}, tmp)
                 os.replace(tmp, path)
             done[(ci, k, seed)] = True
             write()

@@ -1,6 +1,16 @@
-"""RetriNet: the retrieval encoder and its cross-attention injection into the SD U-Net (DESIGN.md section 3)."""
-from .attention_maps import AttentionRecorder, render_attention_grid
-from .model import LOCKS, MODES, ControlNet, ReferenceCrossAttention, RetriNet, RetriUNet, read_metadata
+"""Conditioning models over the SD U-Net and sampling with references (docs/design.md sections 3, 3b).
 
-__all__ = ["RetriUNet", "RetriNet", "ControlNet", "ReferenceCrossAttention", "AttentionRecorder", "render_attention_grid",
-           "LOCKS", "MODES", "read_metadata"]
+RetriNet (the paper's retrieval encoder and its cross-attention injection) and the ControlNet
+baseline are sibling subclasses of `ReferenceUNet`; `generate` samples with any of them.
+"""
+from .attention_maps import AttentionRecorder, render_attention_grid
+from .base import LOCKS, ReferenceUNet
+from .checkpoints import METHODS, CheckpointInfo, inspect_checkpoint, load_reference_model
+from .controlnet import ControlNet, ControlNetConfig, ControlNetUNet
+from .model import ReferenceCrossAttention, RetriNet, RetriNetConfig, RetriUNet
+from .sampling import ReferenceGuidance, generate, png_parameters, reference_problems
+
+__all__ = ["ReferenceUNet", "RetriUNet", "RetriNet", "RetriNetConfig", "ReferenceCrossAttention", "ControlNetUNet",
+           "ControlNet", "ControlNetConfig", "LOCKS", "METHODS", "CheckpointInfo", "inspect_checkpoint",
+           "load_reference_model", "generate", "png_parameters", "reference_problems", "ReferenceGuidance",
+           "AttentionRecorder", "render_attention_grid"]

@@ -2,7 +2,7 @@
 cross-attention looks for a concept token ("face", "clothes", "figure").
 
     with AttentionRecorder(model.retrinet, blocks=[4, "middle"], timesteps=[981, 501]) as rec:
-        images = text_to_image(sd, prompt, denoiser=denoiser, ...)
+        images, _ = generate(sd, prompt, model=model, references=refs, ...)
     render_attention_grid(reference_images, rec.mean_maps(), ["face"]).save("attention.png")
 
 Recording installs a callback on the chosen blocks' text cross-attention (attn2) of E only while the

@@ -1,4 +1,4 @@
-"""RetriNet (paper Sec. 5.1, Supp. A.4; DESIGN.md section 3): a retrieval encoder E over reference
+"""RetriNet (paper Sec. 5.1, Supp. A.4; docs/design.md section 3): a retrieval encoder E over reference
 images whose features enter the frozen SD U-Net through per-layer cross-attention.
 
     refs (B, K, 4, h, w) latents --E (copy of SD's input_blocks + middle_block, timestep t,
@@ -15,21 +15,19 @@ zero an untrained RetriNet reproduces SD exactly.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+from PIL import Image
 
-from common.attention import attention
-from common.weights import CheckpointError, detect_layout, load_strict, read_header, read_tensors
+from einops import rearrange
+
+from common.attention import attention, merge_heads, split_heads
+from common.images import fit_and_pad
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
-
-LOCKS = ("none", "decoder", "both")  # paper: default, LockD, LockB
-MODES = ("retrinet", "controlnet")
+from .base import ReferenceUNet
 
 
 class ReferenceCrossAttention(nn.Module):
@@ -42,7 +40,7 @@ class ReferenceCrossAttention(nn.Module):
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by {heads} heads")
         self.heads = heads
-        # The learned null reference (DESIGN.md section 5, `ref_drop`): one normalised key/value
+        # The learned null reference (docs/design.md section 5, `ref_drop`): one normalised key/value
         # token that replaces all references of a sample whose references were dropped.
         self.null = nn.Parameter(torch.randn(channels) * channels ** -0.5) if null_reference else None
         self.norm_q = nn.GroupNorm(groups, channels, eps=1e-6)
@@ -57,14 +55,13 @@ class ReferenceCrossAttention(nn.Module):
         """h (B, C, H, W); f (B, K, C, h, w), or a list of K (B, C, h_k, w_k) for references of
         different sizes; ref_mask (B, K) bool, True = real reference; ref_drop (B,) bool, True = use
         the null reference instead of this sample's references -> (B, C, H, W)."""
-        b, c, hh, ww = h.shape
-        q = self.norm_q(h).flatten(2).transpose(1, 2)                      # (B, HW, C)
+        b, c, hh, _ = h.shape
+        q = rearrange(self.norm_q(h), "b c h w -> b (h w) c")
         if isinstance(f, torch.Tensor):  # K references of one size: one norm call for all
-            k, n = f.shape[1], f.shape[-2] * f.shape[-1]
-            kv = self.norm_kv(f.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, k * n, c)
-            counts = [n] * k
+            kv = rearrange(self.norm_kv(f.flatten(0, 1)), "(b k) c h w -> b (k h w) c", b=b)
+            counts = [f.shape[-2] * f.shape[-1]] * f.shape[1]
         else:
-            kv = torch.cat([self.norm_kv(fk).flatten(2).transpose(1, 2) for fk in f], dim=1)
+            kv = torch.cat([rearrange(self.norm_kv(fk), "b c h w -> b (h w) c") for fk in f], dim=1)
             counts = [fk.shape[-2] * fk.shape[-1] for fk in f]
         # kv: every token of the K references as one set (B, sum of h_k w_k, C)
         mask = None
@@ -79,10 +76,9 @@ class ReferenceCrossAttention(nn.Module):
             # A sample with no visible key at all would get NaN: let it attend to all; RetriNet.residuals
             # discards its result.
             mask = mask | ~mask.any(dim=1, keepdim=True)
-        heads = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
-        out = attention(heads(self.to_q(q)), heads(self.to_k(kv)), heads(self.to_v(kv)), key_padding_mask=mask)
-        out = self.to_out(out.transpose(1, 2).reshape(b, hh * ww, c))
-        return out.transpose(1, 2).reshape(b, c, hh, ww)
+        q, k, v = (split_heads(t, self.heads) for t in (self.to_q(q), self.to_k(kv), self.to_v(kv)))
+        out = self.to_out(merge_heads(attention(q, k, v, key_padding_mask=mask)))
+        return rearrange(out, "b (h w) c -> b c h w", h=hh)
 
 
 class RetriNet(nn.Module):
@@ -140,32 +136,13 @@ class RetriNet(nn.Module):
         return res
 
 
-class ControlNet(UNetEncoder):
-    """ControlNet (Zhang et al. 2023), the paper's baseline (Sec. 5.2, ControlNet-a/-b): a copy of
-    SD's encoder half reads x_t plus a hint embedding of one reference image and adds its 13 outputs,
-    through zero convs, to the skips and the middle feature. Keys are the official checkpoint's
-    under `control_model.`: time_embed, input_blocks, middle_block, input_hint_block.{0..14},
-    zero_convs.{0..11}.0, middle_block_out.0."""
-
-    def __init__(self, cfg: UNetConfig, hint_channels: int = 3):
-        super().__init__(cfg)
-        # 3x3 convs 3-16-16-32-32-96-96-256 (stride 2 into 32, 96, 256: the image -> latent size), SiLU
-        # between, then a zero conv to model_channels.
-        widths = [hint_channels, 16, 16, 32, 32, 96, 96, 256]
-        layers = []
-        for i, (a, b) in enumerate(zip(widths, widths[1:])):
-            layers += [nn.Conv2d(a, b, 3, padding=1, stride=2 if i in (2, 4, 6) else 1), nn.SiLU()]
-        self.input_hint_block = nn.Sequential(*layers, zero_(nn.Conv2d(256, cfg.model_channels, 3, padding=1)))
-        self.zero_convs = nn.ModuleList(nn.Sequential(zero_(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
-        self.middle_block_out = nn.Sequential(zero_(nn.Conv2d(self.middle_channels, self.middle_channels, 1)))
-
-    def forward(self, x, hint, emb, context, context_mask=None) -> list[torch.Tensor]:
-        """x (B, 4, h, w) noisy latents, hint (B, 3, 8h, 8w) in [0, 1] -> the 13 residuals."""
-        skips, middle = self.encode(x, emb, context, context_mask, hint=self.input_hint_block(hint))
-        return [zc(s) for zc, s in zip(self.zero_convs, skips)] + [self.middle_block_out(middle)]
+@dataclass
+class RetriNetConfig:
+    heads: int = 8                 # attention heads of the 13 reference cross-attention layers
+    null_reference: bool = False   # a learned null reference (trained with reference dropout)
 
 
-class RetriUNet(nn.Module):
+class RetriUNet(ReferenceUNet):
     """The SD U-Net with RetriNet: `forward(x, timesteps, context, refs, ref_context, ref_mask=None) -> eps`.
 
     x (B, 4, H, W) noisy latents; context (B, L, D) prompt embeddings; refs (B, K, 4, h, w) reference
@@ -174,82 +151,40 @@ class RetriUNet(nn.Module):
     embedding; ref_mask (B, K) bool, True = a real reference (None = all real).
     """
 
-    def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", mode: str = "retrinet",
-                 null_reference: bool = False, train_base: bool = False):
-        super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.unet, self.mode = unet, mode
+    method, title, prefix, config_class = "retrinet", "RetriNet", "retrinet.", RetriNetConfig
+
+    def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", null_reference: bool = False,
+                 train_base: bool = False):
+        super().__init__(unet, RetriNetConfig(heads, null_reference))
         p = next(unet.parameters())
-        if mode == "retrinet":
-            self.retrinet = RetriNet(unet.config, heads, null_reference).to(p.device, p.dtype)
-        else:
-            self.control = ControlNet(unet.config).to(p.device, p.dtype)
-        # E starts as a copy of SD's encoder half (ControlNet's tool_add_control).
-        own = self.encoder.state_dict()
-        self.encoder.load_state_dict({k: v for k, v in unet.state_dict().items() if k in own}, strict=False)
+        self.retrinet = RetriNet(unet.config, heads, null_reference).to(p.device, p.dtype)
+        self._init_encoder_from_unet(self.retrinet.encoder)
         self.set_lock(lock, train_base)
 
     @property
-    def encoder(self) -> UNetEncoder:
-        """E: RetriNet's retrieval encoder, or the ControlNet in controlnet mode."""
-        return self.retrinet.encoder if self.mode == "retrinet" else self.control
+    def added(self) -> RetriNet:
+        return self.retrinet
 
-    @property
-    def added(self) -> nn.Module:
-        """Everything RetriNet / ControlNet adds to SD."""
-        return self.retrinet if self.mode == "retrinet" else self.control
-
-    def set_lock(self, lock: str, train_base: bool = False) -> None:
-        """Choose what trains (paper Sec. 5.2): "none" = E, cross-attention, zero convs and SD's
-        decoder; "decoder" (LockD) freezes the decoder; "both" (LockB) also freezes E. SD's encoder
-        half is frozen, unless `train_base`: then the whole U-Net trains as well (a base trained
-        from scratch, as in the tiny preset; `lock` must be "none")."""
-        if lock not in LOCKS:
-            raise ValueError(f"lock must be one of {LOCKS}, got {lock!r}")
-        if train_base and lock != "none":
-            raise ValueError(f"train_base trains the whole U-Net; it contradicts lock {lock!r}")
-        self.lock, self.train_base = lock, train_base
-        self.unet.requires_grad_(train_base)
-        self.added.requires_grad_(True)
-        if lock == "none":
-            self.unet.output_blocks.requires_grad_(True)
-            self.unet.out.requires_grad_(True)
-        if lock == "both":
-            self.encoder.requires_grad_(False)
-            if self.mode == "controlnet":  # its zero convs stay trainable
-                self.control.zero_convs.requires_grad_(True)
-                self.control.middle_block_out.requires_grad_(True)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def lockb_frozen(self) -> list[nn.Module]:
+        """LockB freezes E; the cross-attention layers and zero convs still train."""
+        return [self.retrinet.encoder]
 
     def forward(self, x, timesteps, context, refs, ref_context=None, ref_mask=None, features=None, ref_drop=None):
         """`features`: E's output from `retrinet.encode_refs`, when computed once for several calls.
         `ref_drop` (B,) bool replaces a sample's references by the learned null reference (models
-        built with `null_reference=True`, trained with reference dropout).
-        In controlnet mode `refs` is (B, 1, 3, 8h, 8w): one hint image in [0, 1] per sample, and
-        `ref_context`, `ref_mask` and `features` are unused."""
+        built with `null_reference=True`, trained with reference dropout)."""
         self._check(x, refs, ref_context, ref_mask, ref_drop)
         unet = self.unet
         emb = unet.embed_time(timesteps, x.shape[0], x.dtype)
         with torch.set_grad_enabled(self.train_base and torch.is_grad_enabled()):  # frozen: keep no graph
             skips, middle = unet.encode(x, emb if self.train_base else emb.detach(), context)
-        if self.mode == "retrinet":
-            if features is None:
-                features = self.retrinet.encode_refs(refs, timesteps, ref_context)
-            res = self.retrinet.residuals(skips, middle, features, ref_mask, ref_drop)
-        else:
-            res = self.control(x, refs[:, 0], self.control.embed_time(timesteps, x.shape[0], x.dtype), context)
+        if features is None:
+            features = self.retrinet.encode_refs(refs, timesteps, ref_context)
+        res = self.retrinet.residuals(skips, middle, features, ref_mask, ref_drop)
         return unet.decode(skips, middle, emb, context, skip_residuals=res[:-1], middle_residual=res[-1])
 
     def _check(self, x, refs, ref_context, ref_mask, ref_drop=None):
-        b = x.shape[0]
-        if self.mode == "controlnet":
-            if refs.dim() != 5 or refs.shape[:3] != (b, 1, 3):
-                raise ValueError(f"controlnet mode takes refs of shape ({b}, 1, 3, H, W), got {tuple(refs.shape)}")
-            return
-        c = self.unet.config.in_channels
+        b, c = x.shape[0], self.unet.config.in_channels
         if isinstance(refs, torch.Tensor):
             if refs.dim() != 5 or refs.shape[0] != b or refs.shape[2] != c:
                 raise ValueError(f"refs must be ({b}, K, {c}, h, w), got {tuple(refs.shape)}")
@@ -267,82 +202,22 @@ class RetriUNet(nn.Module):
         if ref_drop is not None and not self.retrinet.null_reference:
             raise ValueError("ref_drop needs a RetriNet built with null_reference=True (trained with reference dropout)")
 
-    # -- checkpoints ------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """What RetriNet / ControlNet adds (and SD's decoder when it was trained, lock "none"; the
-        whole U-Net with `train_base`) as safetensors, with the base U-Net config, mode, heads and
-        lock in the metadata. ControlNet weights keep the official `control_model.` keys."""
-        state = {f"{self._prefix}{k}": v for k, v in self.added.state_dict().items()}
-        if self.lock == "none":
-            state.update({f"unet.{k}": v for k, v in self.unet.state_dict().items()
-                          if self.train_base or k.startswith(("output_blocks.", "out."))})
-        retri = self.mode == "retrinet"
-        info = {"unet_config": self.unet.config.__dict__, "mode": self.mode, "lock": self.lock,
-                "heads": self.retrinet.heads if retri else None,
-                "null_reference": self.retrinet.null_reference if retri else False, "train_base": self.train_base}
-        meta = {"format": "pt", "retrinet": json.dumps(info, default=list)}
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
+    # -- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoiser(self, sd, references: list[Image.Image], concepts: list[str], *, ref_size: int, height: int,
+                 width: int):
+        """`(x, t, context, ref_drop=None) -> eps` conditioned on fixed references: each is fitted and
+        padded to `ref_size` (as the training loader does) and VAE-encoded once. At each step E's
+        features are computed once, for one copy of the references, and shared by the whole
+        guidance batch."""
+        pixels = torch.stack([fit_and_pad(im, ref_size)[0] for im in references]).to(sd.device, sd.dtype)
+        refs = (sd.vae.encode(pixels).mean * sd.latent_scale)[None]       # (1, K, C, s/8, s/8)
+        ref_context = sd.encode_prompts(concepts)[None]                  # (1, K, 77, D)
 
-    @property
-    def _prefix(self) -> str:
-        return "retrinet." if self.mode == "retrinet" else "control_model."
-
-    @classmethod
-    def load(cls, path: str | Path, unet: UNet) -> "RetriUNet":
-        """A RetriUNet around `unet` with the weights saved by `save`; the file's base config must be
-        `unet`'s. Official ControlNet files (no metadata) go through `load_controlnet`."""
-        meta = read_metadata(path)
-        diff = base_config_mismatch(meta, unet.config)
-        if diff:
-            raise CheckpointError(f"{path}: RetriNet made for another base U-Net; differing config fields "
-                                  f"(file, model): {diff}")
-        model = cls(unet, heads=meta.get("heads") or 8, lock=meta["lock"], mode=meta.get("mode", "retrinet"),
-                    null_reference=meta.get("null_reference", False), train_base=meta.get("train_base", False))
-        model.load_weights(path)
-        return model
-
-    def load_weights(self, path: str | Path) -> None:
-        """Load a file written by `save` (for this very model: same mode, heads and lock) in place."""
-        p = next(self.unet.parameters())
-        state = read_tensors(path, device=p.device, dtype=p.dtype)
-        added = {k[len(self._prefix):]: v for k, v in state.items() if k.startswith(self._prefix)}
-        load_strict(self.added, added, source=str(path), layout=f"retrinet ({self.mode})")
-        trained = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        if trained:
-            own = {k: v for k, v in self.unet.state_dict().items()
-                   if self.train_base or k.startswith(("output_blocks.", "out."))}
-            if trained.keys() != own.keys() or any(trained[k].shape != own[k].shape for k in own):
-                raise CheckpointError(f"{path}: the trained U-Net weights do not fit the U-Net")
-            self.unet.load_state_dict(trained, strict=False)
-
-    @classmethod
-    def load_controlnet(cls, path: str | Path, unet: UNet, lock: str = "none") -> "RetriUNet":
-        """The ControlNet baseline from an official ControlNet file: `control_model.*` (1.1 files, or
-        1.0 files holding the whole ControlLDM, whose other keys are ignored) or prefix-less keys."""
-        keys = list(read_header(path))
-        prefix = "control_model." if any(k.startswith("control_model.") for k in keys) else ""
-        model = cls(unet, lock=lock, mode="controlnet")
-        p = next(unet.parameters())
-        names = [k for k in keys if k.startswith(prefix)] if prefix else keys
-        state = read_tensors(path, names, rename=lambda k: k[len(prefix):], device=p.device, dtype=p.dtype)
-        load_strict(model.control, state, source=str(path), layout=detect_layout(keys))
-        return model
-
-
-def base_config_mismatch(meta: dict, cfg: UNetConfig) -> dict:
-    """{field: (checkpoint's value, cfg's value)} where a RetriNet checkpoint's base U-Net config
-    (from `read_metadata`) differs from `cfg`; empty when they agree."""
-    expected = json.loads(json.dumps(cfg.__dict__, default=list))
-    defaults = json.loads(json.dumps(UNetConfig().__dict__, default=list))  # fields newer than the file
-    saved = {k: meta["unet_config"].get(k, defaults[k]) for k in expected}
-    return {k: (saved[k], v) for k, v in expected.items() if saved[k] != v}
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The RetriNet metadata of a checkpoint written by RetriUNet.save (clear errors otherwise)."""
-    read_header(path)  # existence, suffix, truncation
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "retrinet" not in meta:
-        raise CheckpointError(f"{path}: not a RetriNet checkpoint (no 'retrinet' metadata)")
-    return json.loads(meta["retrinet"])
+        @torch.no_grad()
+        def eps(x, t, context, ref_drop=None):
+            b = x.shape[0]
+            features = [f.expand(b, *f.shape[1:]) for f in self.retrinet.encode_refs(refs, t, ref_context)]
+            return self(x, t, context, refs.expand(b, *refs.shape[1:]), ref_context.expand(b, *ref_context.shape[1:]),
+                        features=features, ref_drop=ref_drop)
+        return eps

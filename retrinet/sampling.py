@@ -1,73 +1,151 @@
-"""Sampling with references: preparing reference images and the reference-conditioned denoiser.
+"""Sampling with references: the one function every caller uses (sample.py, the evaluation
+protocol, the demo, the training validation grid), the three-way reference guidance, and the checks a
+command line makes before it builds any model.
 
-References are fitted into a square of the training resolution (aspect kept) and padded with white
-by `data.transforms.fit_and_pad`, the function the training loader uses; the VAE encodes them once per run. At each sampling
-step E's features are computed once, for one copy of the references, and shared by the whole
-classifier-free-guidance batch: `--guidance` drops the text and keeps the references (the paper's
-recipe drops only text).
+    images, params = generate(sd, "1girl, on a beach", model=model, references=[face, outfit],
+                              concepts=["face", "clothes"], steps=50, guidance=7.0, seed=0)
+
+Each conditioning model turns its references into a denoiser `(x, t, context) -> eps`
+(`model.denoiser`): RetriNet fits, pads and VAE-encodes them once and runs E once per step for the
+whole guidance batch; the ControlNet uses its one reference as the hint. `guidance` drops the text and
+keeps the references (the paper's recipe drops only text). `ref_guidance` (a RetriNet with a null
+reference, trained with reference dropout) guides references and text separately
+(docs/design.md section 5).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from data.transforms import fit_and_pad
-from diffusion.sd15 import StableDiffusion
-from .model import RetriUNet
-
-CONCEPTS = ("figure", "face", "clothes")
-
-
-def open_reference(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with an error naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"reference {path}: cannot read it as an image ({e})") from None
+from common.images import open_image
+from common.options import CONCEPTS
+from diffusion.sd15 import ClassifierFreeGuidance, StableDiffusion, text_to_image
+from unet import UNetConfig
+from .base import ReferenceUNet
+from .checkpoints import inspect_checkpoint
 
 
-def resize_and_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Cover `height` x `width` (aspect kept), centre crop; float (3, H, W) in [0, 1] (a ControlNet hint)."""
-    w, h = image.size
-    scale = max(width / w, height / h)
-    image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return TF.pil_to_tensor(image.crop((left, top, left + width, top + height))).float() / 255
+class ReferenceGuidance:
+    """Three-way guidance, InstructPix2Pix-style, in one batched call over (null references, no
+    text), (references, no text), (references, text):
+        out = e_null + ref_guidance * (e_ref - e_null) + guidance * (e_full - e_ref)
+    `denoiser(x, t, context, ref_drop)` must accept `ref_drop` (a RetriNet with a null reference)."""
 
+    def __init__(self, denoiser: Callable[..., torch.Tensor], guidance: float, ref_guidance: float):
+        self.denoiser, self.guidance, self.ref_guidance = denoiser, guidance, ref_guidance
 
-class ReferenceDenoiser:
-    """`(x, t, context) -> eps` for diffusion.sd15.text_to_image, conditioned on fixed references.
-
-    retrinet mode: `refs` are RGB images; they are VAE-encoded here, once. controlnet mode: `refs`
-    holds one image, used as the hint at the output size.
-    """
-
-    def __init__(self, sd: StableDiffusion, model: RetriUNet, refs: list[Image.Image], concepts: list[str],
-                 size: int, height: int, width: int):
-        self.model = model
-        device, dtype = sd.device, sd.dtype
-        with torch.no_grad():
-            if model.mode == "controlnet":
-                self.refs = resize_and_crop(refs[0], height, width)[None, None].to(device, dtype)
-                self.ref_context = None
-            else:
-                pixels = torch.stack([fit_and_pad(im, size)[0] for im in refs]).to(device, dtype)
-                self.refs = (sd.vae.encode(pixels).mean * sd.latent_scale)[None]      # (1, K, 4, s/8, s/8)
-                self.ref_context = sd.encode_prompts(concepts)[None]                 # (1, K, 77, 768)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 ref_drop: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, negative: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        refs = self.refs.expand(b, *self.refs.shape[1:])
-        if self.model.mode == "controlnet":
-            if ref_drop is not None:
-                raise ValueError("reference guidance needs a RetriNet with a null reference, not a ControlNet")
-            return self.model(x, t, context, refs)
-        features = [f.expand(b, *f.shape[1:]) for f in self.model.retrinet.encode_refs(self.refs, t, self.ref_context)]
-        ref_context = self.ref_context.expand(b, *self.ref_context.shape[1:])
-        return self.model(x, t, context, refs, ref_context, features=features, ref_drop=ref_drop)
+        drop = torch.tensor([True] * b + [False] * 2 * b, device=x.device)  # the first third: null reference
+        e_null, e_ref, e_full = self.denoiser(torch.cat([x] * 3), t, torch.cat([negative, negative, context]),
+                                              ref_drop=drop).chunk(3)
+        return e_null + self.ref_guidance * (e_ref - e_null) + self.guidance * (e_full - e_ref)
+
+
+def expand_concepts(concepts: list[str] | None, n_refs: int) -> list[str]:
+    """One concept per reference from none (all "figure"), one for all, or one each."""
+    concepts = list(concepts or [])
+    if len(concepts) not in (0, 1, n_refs):
+        raise ValueError(f"give one concept for all {n_refs} references or one per reference, got {len(concepts)}")
+    bad = [c for c in concepts if c not in CONCEPTS]
+    if bad:
+        raise ValueError(f"unknown concepts {bad}; expected {', '.join(CONCEPTS)}")
+    return concepts * n_refs if len(concepts) == 1 else concepts or ["figure"] * n_refs
+
+
+@torch.no_grad()
+def generate(sd: StableDiffusion, prompt: str, *, model: ReferenceUNet | None = None,
+             references: list[Image.Image] = (), concepts: list[str] | None = None, negative_prompt: str = "",
+             num: int = 1, steps: int = 50, guidance: float = 7.0, ref_guidance: float | None = None,
+             sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512, ref_size: int = 384,
+             progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """`num` images for one prompt, conditioned on `references` (RGB images of one identity, each
+    with its concept) when `model` is given, else plain SD. Returns uint8 (num, H, W, 3) on the CPU
+    and, per image, its generation parameters (what `png_parameters` records). The same arguments
+    give the same images on the same machine."""
+    if model is None and (references or ref_guidance is not None):
+        raise ValueError("references and ref_guidance need a conditioning model")
+    if model is not None and not references:
+        raise ValueError(f"the {model.method} model needs at least one reference image")
+    if ref_guidance is not None and not getattr(model.config, "null_reference", False):
+        raise ValueError(f"ref_guidance needs a RetriNet with a null reference (trained with reference dropout), "
+                         f"not this {model.method}")
+    predictor = None
+    if model is not None:
+        concepts = expand_concepts(concepts, len(references))
+        denoiser = model.denoiser(sd, list(references), concepts, ref_size=ref_size, height=height, width=width)
+        predictor = (ClassifierFreeGuidance(denoiser, guidance) if ref_guidance is None
+                     else ReferenceGuidance(denoiser, guidance, ref_guidance))
+    images = text_to_image(sd, prompt, negative_prompt, num=num, steps=steps, guidance=guidance, sampler=sampler,
+                           seed=seed, height=height, width=width, progress=progress, predictor=predictor)
+    params = []
+    for i in range(num):
+        p = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler,
+                 seed=seed, index=i, num=num, height=height, width=width)
+        if model is not None:
+            p.update(mode=model.method, concepts=concepts, ref_size=ref_size, ref_guidance=ref_guidance)
+        params.append(p)
+    return images, params
+
+
+def png_parameters(params: dict, *, weights: str | Path, precision: str, device: str,
+                   checkpoint: str | Path | None = None, reference_files: list[str | Path] = ()) -> dict:
+    """The JSON a PNG's "parameters" text chunk records: `generate`'s parameters of that image, and
+    which files made it (base weights, conditioning checkpoint and references, by file name)."""
+    sampling = ("prompt", "negative_prompt", "steps", "guidance", "sampler", "seed", "index", "num", "height", "width")
+    out = {k: params[k] for k in sampling}
+    out.update(weights=Path(weights).name, precision=precision, device=device)
+    if checkpoint is not None:
+        out.update(retrinet=Path(checkpoint).name, mode=params["mode"], refs=[Path(p).name for p in reference_files],
+                   concepts=params["concepts"], ref_size=params["ref_size"], ref_guidance=params["ref_guidance"])
+    return out
+
+
+def reference_problems(checkpoint: str | Path | None, references: list[str | Path], concepts: list[str], *,
+                       ref_size: int, ref_guidance: float | None, mode: str | None,
+                       unet_config: UNetConfig) -> tuple[list[str], str | None]:
+    """Every problem with a request to sample with references, found without building a model:
+    unreadable images, concept counts, a checkpoint that is not one or was made for another base
+    U-Net, options its method does not take. Returns (problems, the checkpoint's method). Messages
+    name the options of sample.py and eval.protocol, which share them."""
+    if not checkpoint and not references:
+        return (["--ref-guidance needs --retrinet and --refs"] if ref_guidance is not None else []), None
+    if not checkpoint or not references:
+        return ["--retrinet and --refs go together"], None
+    problems = []
+    for path in references:
+        try:
+            open_image(path, "reference")
+        except ValueError as e:
+            problems.append(str(e))
+    if len(concepts) > len(references):
+        problems.append(f"--concepts: {len(concepts)} concepts for {len(references)} references")
+    elif len(concepts) not in (0, 1, len(references)):
+        problems.append(f"--concepts: give one concept for all references or one per reference, got {len(concepts)} "
+                        f"for {len(references)}")
+    if ref_size <= 0 or ref_size % 8:
+        problems.append(f"--ref-size {ref_size} must be a positive multiple of 8")
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        return problems + [f"--retrinet {ckpt}: no such file"], None
+    try:
+        info = inspect_checkpoint(ckpt)
+        diff = info.base_mismatch(unet_config)
+    except (OSError, ValueError) as e:
+        return problems + [f"--retrinet {ckpt}: {e}"], None
+    if diff:
+        what = (f"made for another base U-Net (differs in {', '.join(sorted(diff))})" if info.layout == "ours"
+                else f"not a ControlNet for this base U-Net (keys or shapes differ: {', '.join(list(diff)[:3])})")
+        return problems + [f"--retrinet {ckpt}: {what}"], info.method
+    if mode and mode != info.method:
+        return problems + [f"--mode {mode}: {ckpt} holds a {info.method} checkpoint"], info.method
+    if ref_guidance is not None and not getattr(info.config, "null_reference", False):
+        problems.append(f"--ref-guidance: {ckpt} has no null reference (it was not trained with reference dropout)"
+                        if info.method == "retrinet" else
+                        f"--ref-guidance needs a RetriNet with a null reference, not a {info.method}")
+    if info.method == "controlnet" and len(references) != 1:
+        problems.append(f"--refs: the ControlNet baseline takes one reference image, got {len(references)}")
+    return problems, info.method

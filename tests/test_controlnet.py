@@ -1,4 +1,4 @@
-"""ControlNet baseline mode: official keys, parity with diffusers' ControlNetModel + UNet2DConditionModel,
+"""The ControlNet baseline (ControlNetUNet): official keys, parity with diffusers' ControlNetModel + UNet2DConditionModel,
 official files load strictly."""
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from common.weights import CheckpointError
 from helpers import randomize_, rel_err
-from retrinet import ControlNet, RetriUNet
+from retrinet import ControlNet, ControlNetUNet, RetriUNet, load_reference_model
 from test_unet import diffusers_twin, ldm_yaml
 from unet import UNet, UNetConfig
 
@@ -30,14 +30,14 @@ def test_sd15_controlnet_keys_equal_the_official_file():
 
 def _model(seed=0):
     unet = randomize_(UNet(CFG).eval(), seed=seed)
-    model = RetriUNet(unet, mode="controlnet").eval()
+    model = ControlNetUNet(unet).eval()
     return model
 
 
 def _inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, 24, 40, generator=g)
-    hint = torch.rand(3, 1, 3, 192, 320, generator=g)
+    hint = torch.rand(3, 3, 192, 320, generator=g)
     return x, torch.tensor([3, 500, 999]), torch.randn(3, 7, 48, generator=g), hint
 
 
@@ -65,7 +65,7 @@ def test_parity_with_diffusers():
     ref_unet = diffusers_twin(model.unet, CFG)
     x, t, ctx, hint = _inputs()
     with torch.no_grad():
-        down, mid = ref_control(x, t, ctx, controlnet_cond=hint[:, 0], return_dict=False)
+        down, mid = ref_control(x, t, ctx, controlnet_cond=hint, return_dict=False)
         want = ref_unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         got = model(x, t, ctx, hint)
     assert rel_err(got, want) <= 1e-4
@@ -87,22 +87,24 @@ def test_official_files_load(tmp_path):
     save_file(full, tmp_path / "v10.safetensors")
     save_file(state, tmp_path / "bare.safetensors")  # prefix-less, as some third-party files
     for name in ("v11", "v10", "bare"):
-        loaded = RetriUNet.load_controlnet(tmp_path / f"{name}.safetensors", model.unet).eval()
+        loaded = ControlNetUNet.load(tmp_path / f"{name}.safetensors", model.unet).eval()
         with torch.no_grad():
             assert torch.equal(loaded(x, t, ctx, hint), want), name
     partial = {"control_model." + k: v for k, v in state.items() if not k.startswith("middle_block_out")}
     save_file(partial, tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match=r"partial.safetensors: detected layout 'controlnet'.*2 missing keys: "
                                               r"middle_block_out.0.weight"):
-        RetriUNet.load_controlnet(tmp_path / "partial.safetensors", model.unet)
+        ControlNetUNet.load(tmp_path / "partial.safetensors", model.unet)
 
 
 def test_save_load_and_locks(tmp_path):
     model = _model()
     randomize_(model.control, seed=4)
     model.save(tmp_path / "cn.safetensors")
-    loaded = RetriUNet.load(tmp_path / "cn.safetensors", model.unet).eval()
-    assert loaded.mode == "controlnet"
+    loaded = load_reference_model(tmp_path / "cn.safetensors", model.unet).eval()
+    assert isinstance(loaded, ControlNetUNet) and loaded.method == "controlnet"
+    with pytest.raises(CheckpointError, match="holds a controlnet checkpoint, not a retrinet one"):
+        RetriUNet.load(tmp_path / "cn.safetensors", model.unet)
     x, t, ctx, hint = _inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x, t, ctx, hint), model(x, t, ctx, hint))
@@ -110,5 +112,5 @@ def test_save_load_and_locks(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters()
                          if n.startswith(("control.zero_convs", "control.middle_block_out"))}
-    with pytest.raises(ValueError, match=r"controlnet mode takes refs of shape \(3, 1, 3, H, W\)"):
-        model(x, t, ctx, hint[:, :, :1])
+    with pytest.raises(ValueError, match=r"hint must be \(3, 3, H, W\)"):
+        model(x, t, ctx, hint[:, :1])

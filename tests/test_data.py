@@ -1,4 +1,5 @@
-"""RetriBooru format: the validator and the training loader on a small hand-made dataset."""
+"""RetriBooru format: the annotations reader, the validator and the training loader on a small
+hand-made dataset."""
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
+from data.annotations import AnnotationError, load_records, read_annotations
 from data.dataset import RetriBooruDataset, TaskBatchSampler, collate
 from data.validate import validate
 
@@ -84,6 +86,89 @@ def test_every_problem_is_reported(tmp_path):
     assert r.returncode == 1 and "sample 011: image images/missing.png is missing" in r.stdout
 
 
+# ---- reader -----------------------------------------------------------------------------------
+
+def test_reader_collects_every_problem_in_the_validators_words(tmp_path):
+    recs = make_dataset(tmp_path, identities=1, per_identity=2)
+    bad_type = dict(recs[1], id="b1", width=True, similar="000")      # a bool is not an int
+    lines = [json.dumps(recs[0]), "", "{not json", "[1, 2]", json.dumps({"id": "x1", "image": 3}),
+             json.dumps(bad_type), json.dumps(recs[1])]
+    (tmp_path / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    problems = []
+    records = read_annotations(tmp_path, problems)
+    assert [(n, r["id"]) for n, r in records] == [(1, "000"), (7, "001")]   # blank line 2 counts
+    missing = ", ".join(f"{k} (expected {t})" for k, t in [
+        ("image", "str"), ("mask", "str"), ("width", "int"), ("height", "int"), ("character", "str"),
+        ("artist", "str"), ("tags", "list"), ("cloth_tags", "list"), ("prompt", "str"), ("face_bbox", "list"),
+        ("similar", "list")])
+    assert problems == [
+        "line 3: not valid JSON (Expecting property name enclosed in double quotes)",
+        "line 4: expected a JSON object",
+        f"sample x1 (line 5): missing or mistyped fields: {missing}",
+        "sample b1 (line 6): missing or mistyped fields: width (expected int), similar (expected list)"]
+    with pytest.raises(AnnotationError) as e:   # raising mode: the first problem, one line
+        read_annotations(tmp_path)
+    path = tmp_path / "annotations.jsonl"
+    assert str(e.value) == (f"{path}:3: not valid JSON (Expecting property name enclosed in double quotes); "
+                            f"check the root with python -m data.validate {tmp_path}")
+
+
+@pytest.mark.parametrize("change, where, what", [
+    ("not json", "line 2", "not valid JSON (Expecting property name enclosed in double quotes)"),
+    ("not an object", "line 2", "expected a JSON object"),
+    ("missing field", "sample 001", "missing or mistyped fields: similar (expected list)"),
+    ("bool for int", "sample 001", "missing or mistyped fields: height (expected int)"),
+])
+def test_loader_raises_on_a_bad_line_naming_file_line_and_field(tmp_path, change, where, what):
+    """A record with a missing field used to load and be skipped at __getitem__; now construction
+    fails on its line, with the problem the validator reports for it."""
+    recs = make_dataset(tmp_path, identities=1, per_identity=3)
+    lines = [json.dumps(r) for r in recs]
+    if change == "not json":
+        lines[1] = "{not json"
+    elif change == "not an object":
+        lines[1] = '"just a string"'
+    elif change == "missing field":
+        lines[1] = json.dumps({k: v for k, v in recs[1].items() if k != "similar"})
+    else:
+        lines[1] = json.dumps(dict(recs[1], height=False))
+    (tmp_path / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    path = tmp_path / "annotations.jsonl"
+    who = "" if where == "line 2" else f"{where}: "
+    expected = f"{path}:2: {who}{what}; check the root with python -m data.validate {tmp_path}"
+    for load in (RetriBooruDataset, load_records, read_annotations):
+        with pytest.raises(AnnotationError) as e:
+            load(tmp_path)
+        assert str(e.value) == expected and "\n" not in str(e.value)
+        assert isinstance(e.value, ValueError)
+    in_validator = f"{where}: {what}" if where == "line 2" else f"{where} (line 2): {what}"
+    assert in_validator in validate(tmp_path)
+
+
+def test_missing_annotations_file(tmp_path):
+    message = f"{tmp_path / 'annotations.jsonl'}: no such file (a RetriBooru root holds annotations.jsonl)"
+    with pytest.raises(AnnotationError) as e:
+        RetriBooruDataset(tmp_path)
+    assert str(e.value) == message
+    problems = []
+    assert read_annotations(tmp_path, problems) == [] and problems == [message]
+    assert validate(tmp_path) == [message]
+    r = subprocess.run([sys.executable, "-m", "data.validate", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == message + "\n" and "0 samples, 1 problems" in r.stderr
+
+
+def test_valid_records_are_read_unchanged_in_file_order(tmp_path):
+    recs = make_dataset(tmp_path)
+    with open(tmp_path / "annotations.jsonl", "a") as f:
+        f.write("\n   \n")                                   # trailing blank lines are skipped
+    assert load_records(tmp_path) == recs
+    assert [n for n, _ in read_annotations(tmp_path, [])] == list(range(1, 10))
+    ds = RetriBooruDataset(tmp_path, resolution=32)
+    assert ds.records == recs and len(ds) == 9 and ds.prompt_drop == 0.5
+    with pytest.raises(ValueError, match="prompt_drop"):
+        RetriBooruDataset(tmp_path, prompt_drop=1.5)
+
+
 # ---- loader -----------------------------------------------------------------------------------
 
 def _colour_of(img):
@@ -95,7 +180,7 @@ def _colour_of(img):
 
 def test_setting_b_never_returns_the_target_and_masks_missing(tmp_path):
     make_dataset(tmp_path)
-    ds = RetriBooruDataset(tmp_path, resolution=32, k=4, setting="b", p_drop=0.0)
+    ds = RetriBooruDataset(tmp_path, resolution=32, k=4, setting="b", prompt_drop=0.0)
     for epoch in range(3):
         ds.set_epoch(epoch)
         for i in range(len(ds)):
@@ -186,10 +271,10 @@ def test_white_reference_backgrounds_follow_the_masks(tmp_path):
 
 def test_prompt_drop_and_determinism(tmp_path):
     make_dataset(tmp_path)
-    ds = RetriBooruDataset(tmp_path, resolution=32, k=2, p_drop=0.5, task="compose", seed=3)
+    ds = RetriBooruDataset(tmp_path, resolution=32, k=2, prompt_drop=0.5, task="compose", seed=3)
     prompts = [ds[i]["prompt"] for i in range(len(ds))]
     assert "" in prompts and any(prompts)
-    again = RetriBooruDataset(tmp_path, resolution=32, k=2, p_drop=0.5, task="compose", seed=3)
+    again = RetriBooruDataset(tmp_path, resolution=32, k=2, prompt_drop=0.5, task="compose", seed=3)
     a, b = ds[5], again[5]
     assert a["concepts"] == b["concepts"] and torch.equal(a["refs"], b["refs"]) and a["prompt"] == b["prompt"]
 

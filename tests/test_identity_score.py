@@ -1,4 +1,4 @@
-"""data/identity_score.py: colour read-out of synthetic figures, identity matching and scores.
+"""eval/identity_score.py: colour read-out of synthetic figures, identity matching and scores.
 
 Measured on this file's ground-truth sets (generate(..., seed=5), 16 identities x 3 images; blur and
 noise on the first 24 images at 32 px):
@@ -13,23 +13,24 @@ The thresholds below sit about 0.1 under those numbers: they guard against regre
 claim the read-out is good. The hair is the weak attribute at these sizes (see the module docstring).
 """
 import json
-from pathlib import Path
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import identity_score as S
+from data.annotations import AnnotationError, load_records
 from data.synthetic import CLOTH_COLORS, HAIR_COLORS, SKIN_TONES, generate, make_identities
 from data.transforms import fit_and_pad
+from eval import identity_score as S
 
 N_ID, PER_ID, SEED = 16, 3, 5
 
 
 def _load(root):
     ids = S.load_sample_identities(root)
-    recs = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines()]
+    recs = load_records(root)
     return [(Image.open(root / r["image"]).convert("RGB"), ids[r["id"]]) for r in recs]
 
 
@@ -133,9 +134,24 @@ def test_identities_match_the_generator(roots):
         assert len(ident["ids"]) == PER_ID
     samples = S.load_sample_identities(root)
     assert all(samples[i] == ident for ident in idents.values() for i in ident["ids"])
-    rec = json.loads((root / "annotations.jsonl").read_text().splitlines()[0])
+    rec = load_records(root)[0]
     assert {k: S.sample_identity(rec)[k] for k in ("hair_color", "top", "bottom")} == \
         {k: samples[rec["id"]][k] for k in ("hair_color", "top", "bottom")}
+
+
+def test_bad_annotation_or_truth_lines_name_file_and_line(tmp_path):
+    generate(tmp_path, 2, 2, 32, 0, noise_fraction=0.0)
+    assert sum(len(i["ids"]) for i in S.load_identities(tmp_path).values()) == 4
+    truth = tmp_path / "raw" / "identities.jsonl"
+    lines = truth.read_text().splitlines()
+    truth.write_text("\n".join(lines[:1] + ['{"id": "x"}'] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{truth}:2: missing field(s) identity (")):
+        S.load_identities(tmp_path)
+    truth.unlink()
+    annotations = tmp_path / "annotations.jsonl"
+    annotations.write_text(annotations.read_text() + "{broken\n")
+    with pytest.raises(AnnotationError, match="^" + re.escape(f"{annotations}:5: not valid JSON (")):
+        S.load_sample_identities(tmp_path)
 
 
 def test_identity_match_and_derangement():

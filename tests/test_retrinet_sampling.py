@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from data.transforms import fit_and_pad
 from diffusion.sd15 import text_to_image
 from helpers import randomize_
-from retrinet import RetriUNet
-from data.transforms import fit_and_pad
-from retrinet.sampling import ReferenceDenoiser
+from retrinet import ControlNetUNet, RetriUNet, generate
 from test_sd15 import UNET, run_sample, small_sd, weights  # noqa: F401  (fixtures)
 from unet import UNet, UNetConfig
 
@@ -38,12 +37,12 @@ def test_untrained_retrinet_samples_exactly_like_sd(small_sd, tmp_path):
     sd, _ = small_sd
     model = RetriUNet(sd.unet).eval()
     refs = [Image.open(p).convert("RGB") for p in _ref_images(tmp_path)]
-    denoiser = ReferenceDenoiser(sd, model, refs, ["face", "clothes"], 32, 64, 48)
     kw = dict(num=2, steps=3, guidance=7.0, sampler="ddim", seed=4, height=64, width=48)
-    assert torch.equal(text_to_image(sd, "a fox", denoiser=denoiser, **kw), text_to_image(sd, "a fox", **kw))
+    with_refs = dict(model=model, references=refs, concepts=["face", "clothes"], ref_size=32)
+    assert torch.equal(generate(sd, "a fox", **with_refs, **kw)[0], text_to_image(sd, "a fox", **kw))
     randomize_(model.retrinet.zero_convs, seed=5)
     randomize_(model.retrinet.cross_attn, seed=6)
-    assert not torch.equal(text_to_image(sd, "a fox", denoiser=denoiser, **kw), text_to_image(sd, "a fox", **kw))
+    assert not torch.equal(generate(sd, "a fox", **with_refs, **kw)[0], text_to_image(sd, "a fox", **kw))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +108,7 @@ def test_sample_cli_controlnet_baseline(weights, small_sd, tmp_path):
     """An official-layout ControlNet file (control_model.*, no metadata) as the baseline."""
     from safetensors.torch import save_file
     sd, _ = small_sd
-    model = RetriUNet(UNet(UNET), mode="controlnet")
+    model = ControlNetUNet(UNet(UNET))
     randomize_(model.control, seed=9)
     save_file({"control_model." + k: v.contiguous() for k, v in model.control.state_dict().items()},
               tmp_path / "control_sd15_small.safetensors")
@@ -132,11 +131,11 @@ def test_reference_guidance(small_sd, tmp_path):
     randomize_(model.retrinet.zero_convs, seed=10)
     randomize_(model.retrinet.cross_attn, seed=11)
     refs = [Image.open(p).convert("RGB") for p in _ref_images(tmp_path)]
-    denoiser = ReferenceDenoiser(sd, model, refs, ["face", "clothes"], 32, 64, 48)
-    kw = dict(num=2, steps=3, guidance=5.0, sampler="ddim", seed=4, height=64, width=48, denoiser=denoiser)
-    two_way = text_to_image(sd, "a fox", **kw).int()
-    assert (text_to_image(sd, "a fox", ref_guidance=1.0, **kw).int() - two_way).abs().max() <= 1
-    assert (text_to_image(sd, "a fox", ref_guidance=3.0, **kw).int() - two_way).abs().max() > 1
+    kw = dict(num=2, steps=3, guidance=5.0, sampler="ddim", seed=4, height=64, width=48, model=model, references=refs,
+              concepts=["face", "clothes"], ref_size=32)
+    two_way = generate(sd, "a fox", **kw)[0].int()
+    assert (generate(sd, "a fox", ref_guidance=1.0, **kw)[0].int() - two_way).abs().max() <= 1
+    assert (generate(sd, "a fox", ref_guidance=3.0, **kw)[0].int() - two_way).abs().max() > 1
 
 
 def test_ref_guidance_needs_a_null_reference(weights, retrinet_ckpt, tmp_path):
@@ -144,3 +143,39 @@ def test_ref_guidance_needs_a_null_reference(weights, retrinet_ckpt, tmp_path):
     r = run_sample("--weights", folder, "--prompt", "x", "--out", tmp_path, "--device", "cpu", "--retrinet",
                    retrinet_ckpt, "--refs", *_ref_images(tmp_path), "--ref-guidance", "3")
     assert r.returncode == 2 and "has no null reference (it was not trained with reference dropout)" in r.stderr
+
+
+def test_generate_records_its_parameters_and_refuses_what_makes_no_sense(small_sd, tmp_path):
+    """`generate` returns one parameter record per image (the PNG's), expands one concept to every
+    reference, and refuses references without a model, a model without references and reference
+    guidance without a null reference; `png_parameters` keeps sample.py's key order."""
+    from retrinet import png_parameters
+    sd, _ = small_sd
+    model = RetriUNet(sd.unet, null_reference=True).eval()
+    refs = [Image.open(p).convert("RGB") for p in _ref_images(tmp_path, 3)]
+    kw = dict(num=3, steps=2, guidance=4.0, sampler="euler", seed=9, height=32, width=40)
+    images, params = generate(sd, "a fox", model=model, references=refs, concepts=["face"], ref_guidance=2.0,
+                              ref_size=24, negative_prompt="blurry", **kw)
+    assert images.shape == (3, 32, 40, 3) and images.dtype == torch.uint8
+    assert params == [dict(prompt="a fox", negative_prompt="blurry", steps=2, guidance=4.0, sampler="euler", seed=9,
+                           index=i, num=3, height=32, width=40, mode="retrinet", concepts=["face"] * 3, ref_size=24,
+                           ref_guidance=2.0) for i in range(3)]
+    record = png_parameters(params[1], weights="/w/sd.safetensors", precision="fp32", device="cpu",
+                            checkpoint="/c/r.safetensors", reference_files=["/r/a.png", "/r/b.png", "/r/c.png"])
+    assert list(record) == ["prompt", "negative_prompt", "steps", "guidance", "sampler", "seed", "index", "num",
+                            "height", "width", "weights", "precision", "device", "retrinet", "mode", "refs",
+                            "concepts", "ref_size", "ref_guidance"]
+    assert (record["weights"], record["retrinet"], record["refs"]) == ("sd.safetensors", "r.safetensors",
+                                                                       ["a.png", "b.png", "c.png"])
+    plain_images, plain = generate(sd, "a fox", **kw)
+    assert "mode" not in plain[0] and torch.equal(plain_images, text_to_image(sd, "a fox", **kw))
+    assert list(png_parameters(plain[0], weights="w", precision="fp32", device="cpu"))[-1] == "device"
+    for bad, message in [(dict(references=refs), "references and ref_guidance need a conditioning model"),
+                         (dict(model=model), "needs at least one reference image"),
+                         (dict(model=model, references=refs, concepts=["face", "clothes"]),
+                          "one concept for all 3 references or one per reference, got 2"),
+                         (dict(model=model, references=refs, concepts=["hat"]), "unknown concepts \\['hat'\\]"),
+                         (dict(model=RetriUNet(sd.unet), references=refs, ref_guidance=2.0),
+                          "ref_guidance needs a RetriNet with a null reference")]:
+        with pytest.raises(ValueError, match=message):
+            generate(sd, "a fox", **bad, **kw)

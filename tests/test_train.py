@@ -23,7 +23,9 @@ from data.synthetic import generate
 from diffusion.schedule import NoiseSchedule
 from helpers import randomize_
 from retrinet import RetriUNet
-from retrinet.training import BatchStream, Conditioning, diffusion_loss, lr_at, read_state
+from data.stream import BatchStream
+from training.checkpoints import read_state
+from training.objective import Conditioning, diffusion_loss, lr_at
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 
@@ -204,7 +206,7 @@ class _Recorder(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.retrinet = type("R", (), {"null_reference": False})()
+        self.config = type("R", (), {"null_reference": False})()
 
     def forward(self, x_t, t, *args, **kwargs):
         self.x_t, self.t = x_t, t
@@ -216,7 +218,7 @@ def test_loss_is_eq3_against_the_schedules_target(data, prediction):
     """Eq. 3 by hand from what the denoiser was given: the noise is recovered from x_t and the pixels
     (the tiny preset's pixel space), the target is eps or v = sqrt(acp) eps - sqrt(1 - acp) x_0, and
     the masked, face-weighted mean is taken per sample, then over the batch."""
-    from retrinet.training import build_tiny
+    from training.presets import build_tiny
     sd, model = build_tiny(0), _Recorder()
     assert sd.clip_sample == 1.0  # pixel space: DDIM clamps its x_0 prediction to [-1, 1]
     schedule = NoiseSchedule(beta_end=0.03, prediction=prediction)
@@ -296,11 +298,11 @@ def test_tiny_checkpoint_samples_with_sample_py(data, tmp_path):
 
 def test_bad_arguments_are_all_reported_before_building(data, tmp_path, capsys):
     status = train.main(["--preset", "sd15", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
-                         "--resolution", "20", "--p-drop", "1.5", "--refs", "0", "--precision", "fp16",
+                         "--resolution", "20", "--prompt-drop", "1.5", "--refs", "0", "--precision", "fp16",
                          "--device", "cpu"])
     err = capsys.readouterr().err
     assert status == 2
-    for expected in ("needs --weights", "no annotations.jsonl", "--resolution 20", "--p-drop 1.5", "--refs 0",
+    for expected in ("needs --weights", "no annotations.jsonl", "--resolution 20", "--prompt-drop 1.5", "--refs 0",
                      "fp16"):
         assert expected in err, expected
     assert not (tmp_path / "o").exists()
@@ -316,7 +318,7 @@ def test_fp16_grad_scaler_on_cuda(data, tmp_path):
 
 def test_demo_end_to_end_on_a_small_budget(tmp_path):
     """make demo's pipeline with everything shrunk: data, training, held-out sampling, report."""
-    from retrinet import demo
+    import demo
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--identities", "8", "--images-per-identity", "4", "--heldout", "3",
                       "--steps", "2", "--samples", "2", "--sample-steps", "2", "--train-args", "--batch-size",
@@ -330,7 +332,7 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
                                                         all(v > 0 for v in r.values()) for r in effect.values())
     assert report["backgrounds"] == "flat" and report["figure_scale"] == [0.8, 0.95]
     assert report["ref_background"] == "white" and report["hats"] is False
-    from retrinet.training import read_state
+    from training.checkpoints import read_state
     assert json.loads(read_state(out / "run" / "checkpoints" / "step-000002")["args"])["ref_background"] == "white"
     for root in ("data-train", "data-heldout"):
         assert not any("hat" in json.loads(line)["tags"] for line in (out / root / "annotations.jsonl").open())

@@ -1,4 +1,4 @@
-"""The Stable Diffusion v1.5 VAE (AutoencoderKL) with native LDM keys (DESIGN.md section 2)."""
+"""The Stable Diffusion v1.5 VAE (AutoencoderKL) with native LDM keys (docs/design.md section 2)."""
 from .loading import config_from_diffusers, diffusers_to_ldm, diffusers_to_ldm_table, load_vae
 from .model import AutoencoderKL, DiagonalGaussian, VAEConfig
 from .pixel import PixelSpace, PixelSpaceConfig, PointMass

@@ -58,7 +58,6 @@ best-effort answer. About 50-150 ms per image on one CPU core.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,6 +68,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from common.jsonl import read_objects
+from data.annotations import load_records
 from data.synthetic import CLOTH_COLORS, EYE_COLORS, HAIR_COLORS, OUTLINE_COLORS, SKIN_TONES
 
 ATTRIBUTES = ("hair", "top", "bottom")
@@ -637,8 +638,16 @@ def sample_identity(sample: dict) -> dict:
             **identity_from_tags(sample.get("tags", []))}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _read_truth(path: Path) -> dict:
+    """{sample id: identity key} from the generator's raw/identities.jsonl ({"id", "identity"} lines)."""
+    truth = {}
+    for n, obj in read_objects(path):
+        missing = [k for k in ("id", "identity") if k not in obj]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)} "
+                             "(each line holds a sample id and its identity key)")
+        truth[obj["id"]] = obj["identity"]
+    return truth
 
 
 def load_sample_identities(root) -> dict:
@@ -649,9 +658,9 @@ def load_sample_identities(root) -> dict:
     identity dict has: key, character, artist, hair_color, top, bottom, bottom_kind, ids (its samples)."""
     root = Path(root)
     truth_path = root / "raw" / "identities.jsonl"
-    truth = {r["id"]: r["identity"] for r in _read_jsonl(truth_path)} if truth_path.is_file() else {}
+    truth = _read_truth(truth_path) if truth_path.is_file() else {}
     idents, by_sample = {}, {}
-    for rec in _read_jsonl(root / "annotations.jsonl"):
+    for rec in load_records(root):
         ident = sample_identity(rec)
         key = truth.get(rec["id"]) or "|".join(str(ident[k]) for k in
                                                ("character", "artist", "hair_color", "top", "bottom"))

@@ -1,7 +1,7 @@
 """The demo (`make demo`): RetriNet learns to retrieve identities on the CPU.
 
-    python -m retrinet.demo --out demo-output                          # 10 minutes of training
-    python -m retrinet.demo --out demo-30 --minutes 30 --steps 3900    # where retrieval shows clearly
+    python demo.py --out demo-output                          # 10 minutes of training
+    python demo.py --out demo-30 --minutes 30 --steps 3900    # where retrieval shows clearly
 
 1. Generates a synthetic RetriBooru dataset (data.synthetic; by default one flat background colour
    per image, figures 80-95% of the image high, no hats) for training and a second one whose
@@ -12,7 +12,7 @@
 3. Samples every held-out identity from two of its images (no prompt, DDIM 25 steps, reference
    guidance 3) and scores identity retrieval with the generator's ground truth: the fraction of
    samples whose dominant hair, top and bottom colours all equal the reference identity's
-   (data.identity_score), against chance = the same score against a mismatched identity.
+   (eval.identity_score), against chance = the same score against a mismatched identity.
 4. Writes report.md / report.json, the held-out sample grid, the training log, checkpoints and
    validation grids into --out, and prints its path.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
     """(identity key, its image paths, identity) per identity of a synthetic root; the first two
     images are the references."""
-    from data.identity_score import load_identities
+    from eval.identity_score import load_identities
     return [(key, [root / "images" / f"{i}.png" for i in ident["ids"]], ident)
             for key, ident in sorted(load_identities(root).items()) if len(ident["ids"]) >= 2]
 
@@ -83,26 +84,24 @@ def reference_image(path: Path, background: str = "keep"):
     """A held-out image as a reference, prepared as training prepared references: with
     background "white", the figure on white through its mask (data.synthetic writes the mask of
     images/N.png to masks/N.png)."""
+    from common.images import open_image
     from data.dataset import figure_on_white
-    from retrinet.sampling import open_reference
-    image = open_reference(path)
+    image = open_image(path, "reference")
     return figure_on_white(image, path.parent.parent / "masks" / path.name) if background == "white" else image
 
 
 def sample_heldout(sd, model, heldout: list, args) -> tuple[list, list]:
     """`args.samples` images per held-out identity from its two reference images: no prompt,
     reference guidance only (text guidance 1)."""
-    from diffusion.sd15 import text_to_image
-    from retrinet.sampling import ReferenceDenoiser
-    from retrinet.training import PRESETS
+    from retrinet import generate
+    from training.presets import PRESETS
     res, ref_res = PRESETS["tiny"]["resolution"], PRESETS["tiny"]["ref_resolution"]
     images, identities = [], []
     for i, (key, paths, ident) in enumerate(heldout):
-        denoiser = ReferenceDenoiser(sd, model, [reference_image(p, args.ref_background) for p in paths[:2]], ["figure"] * 2, ref_res,
-                                     res, res)
-        out = text_to_image(sd, "", num=args.samples, steps=args.sample_steps, guidance=1.0, sampler="ddim",
-                            seed=args.seed + i, height=res, width=res, denoiser=denoiser,
-                            ref_guidance=args.ref_guidance)
+        references = [reference_image(p, args.ref_background) for p in paths[:2]]
+        out, _ = generate(sd, "", model=model, references=references, concepts=["figure"], num=args.samples,
+                          steps=args.sample_steps, guidance=1.0, ref_guidance=args.ref_guidance, sampler="ddim",
+                          seed=args.seed + i, height=res, width=res, ref_size=ref_res)
         images += list(out.numpy())
         identities += [ident] * args.samples
         print(f"\rsampling held-out identities: {i + 1}/{len(heldout)}", end="\n" if i + 1 == len(heldout) else "",
@@ -118,8 +117,9 @@ def reference_effect(sd, model, heldout_root: Path, timesteps=(300, 500, 700), n
     this reads learning long before the colour scores leave chance."""
     import torch
     from data.dataset import RetriBooruDataset, collate
-    from retrinet.training import PRESETS, Conditioning
-    ds = RetriBooruDataset(heldout_root, resolution=PRESETS["tiny"]["resolution"], k=2, p_drop=1.0,
+    from training.objective import Conditioning
+    from training.presets import PRESETS
+    ds = RetriBooruDataset(heldout_root, resolution=PRESETS["tiny"]["resolution"], k=2, prompt_drop=1.0,
                            ref_resolution=PRESETS["tiny"]["ref_resolution"], ref_background=ref_background)
     batch = collate([ds[i] for i in range(min(n, len(ds)))])
     x0, refs, b = batch["image"], batch["refs"], batch["image"].shape[0]
@@ -127,7 +127,7 @@ def reference_effect(sd, model, heldout_root: Path, timesteps=(300, 500, 700), n
     context = text([""] * b)
     ref_context = text([c for cs in batch["concepts"] for c in cs]).unflatten(0, (b, 2))
     # mismatched: the references of the next image in the batch that shows another identity
-    from data.identity_score import load_identities
+    from eval.identity_score import load_identities
     identity = {i: key for key, ident in load_identities(heldout_root).items() for i in ident["ids"]}
     keys = [identity[i] for i in batch["id"]]
     mismatched = refs[[next((i + j) % b for j in range(1, b) if keys[(i + j) % b] != keys[i]) for i in range(b)]]
@@ -141,10 +141,10 @@ def reference_effect(sd, model, heldout_root: Path, timesteps=(300, 500, 700), n
             acp = float(sd.schedule.alphas_cumprod[t])
             row = {}
             for name, r, drop in [("own", refs, False), ("mismatched", mismatched, False), ("null", refs, True)]:
-                if drop and not model.retrinet.null_reference:
+                if drop and not model.config.null_reference:
                     continue
                 eps = sd.schedule.to_eps(model(x_t, tt, context, r, ref_context, batch["ref_mask"],
-                                               ref_drop=torch.full((b,), drop) if model.retrinet.null_reference
+                                               ref_drop=torch.full((b,), drop) if model.config.null_reference
                                                else None), x_t, tt)
                 row[name] = round(float((eps - noise).pow(2).mean()) ** 0.5 * ((1 - acp) / acp) ** 0.5, 4)
             out[str(t)] = row
@@ -171,9 +171,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    import train
-    from data.identity_score import score
     from data.synthetic import generate
+    from eval.identity_score import score
 
     train_root, heldout_root, run = out / "data-train", out / "data-heldout", out / "run"
     for root, n, per, seed in [(train_root, args.identities, args.images_per_identity, args.seed),
@@ -185,17 +184,19 @@ def main(argv=None) -> int:
 
     t_train = time.perf_counter()
     # The cosine schedule runs once over the step budget, so the learning rate ends near 0.
-    status = train.main(["--preset", "tiny", "--data", str(train_root), "--out", str(run), "--ref-drop", "0.1",
-                         "--ref-background", args.ref_background, "--max-steps", str(args.steps), "--restart-every", str(args.steps),
-                         "--time-limit", str(args.minutes), "--log-every", "25",
-                         "--save-every", "250", "--val-every", "500", "--val-data", str(heldout_root),
-                         "--seed", str(args.seed), *(["--resume"] if (run / "checkpoints").is_dir() else []),
-                         *args.train_args])
+    # train.py runs as its own process, as a user would run it (an entry point imports no other).
+    status = subprocess.call([
+        sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--preset", "tiny", "--data", str(train_root),
+        "--out", str(run), "--ref-drop", "0.1", "--ref-background", args.ref_background, "--max-steps", str(args.steps),
+        "--restart-every", str(args.steps), "--time-limit", str(args.minutes), "--log-every", "25",
+        "--save-every", "250", "--val-every", "500", "--val-data", str(heldout_root), "--seed", str(args.seed),
+        *(["--resume"] if (run / "checkpoints").is_dir() else []), *args.train_args])
     if status != 0:
         print(f"demo: training failed (status {status}); see {run}", file=sys.stderr)
         return status
     train_minutes = (time.perf_counter() - t_train) / 60
-    from retrinet.training import PRESETS, checkpoint_dirs, read_state
+    from training.checkpoints import checkpoint_dirs, read_state
+    from training.presets import PRESETS
     ckpt = checkpoint_dirs(run)[-1]
     steps = read_state(ckpt)["step"]
 
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
     heldout_grid(heldout, images, args.samples, ref_background=args.ref_background).save(out / "heldout-samples.png")
     # The scorer's ceiling: the same score on the held-out identities' other (real) images, fitted
     # to the sampling resolution as training fits them.
-    from data.transforms import fit_and_pad
+    from common.images import fit_and_pad
     from PIL import Image
     res = PRESETS["tiny"]["resolution"]
     real = [fit_and_pad(Image.open(p).convert("RGB"), res)[0] for _, paths, _ in heldout for p in paths[2:]]
@@ -235,7 +236,7 @@ Tiny preset trained for {steps} steps ({train_minutes:.1f} min) on {len(train_id
 {args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high{"" if args.hats else ", no hats"}; references {"on white" if args.ref_background == "white" else "as they are"});
 sampled {args.samples} images for each of {len(heldout)} identities it never saw, from two reference images,
 without a prompt (DDIM {args.sample_steps}, reference guidance {args.ref_guidance}). Scores: the fraction of
-samples whose dominant colours equal the reference identity's (data.identity_score); chance: the same
+samples whose dominant colours equal the reference identity's (eval.identity_score); chance: the same
 samples against a mismatched identity; real images: the scorer on the held-out identities' own other
 images at {res} px (its ceiling: at this size the hair is one or two pixel rows{", and often under a hat" if args.hats else ""}).
 

@@ -1,0 +1,120 @@
+"""ControlNet (Zhang et al. 2023), the paper's baseline (Sec. 3.1 and 5.2, ControlNet-a / -b;
+docs/design.md section 3b): a copy of SD's encoder half reads x_t plus a hint embedding of one
+reference image and adds its 13 outputs, through zero convs, to the U-Net's skips and middle feature.
+
+    hint (B, 3, 8h, 8w) in [0, 1] --input_hint_block--> (B, C, h, w), added after conv_in
+    x_t --ControlNet encoder (prompt)--> c_1 .. c_13 --zero convs--> residuals
+    x_t --frozen SD encoder (prompt)--> h_1 .. h_13;  h_i <- h_i + residual_i
+    SD decoder on the modified skips and middle --> eps
+
+Unlike RetriNet's E, the ControlNet sees x_t and a pixel-aligned hint: it controls layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from safetensors import safe_open
+
+from common.images import resize_and_crop
+from common.weights import detect_layout, load_strict, read_header, read_tensors
+from unet import UNet, UNetConfig, UNetEncoder
+from unet.model import zero_
+from .base import METADATA_KEY, ReferenceUNet
+
+
+@dataclass
+class ControlNetConfig:
+    hint_channels: int = 3
+
+
+class ControlNet(UNetEncoder):
+    """The ControlNet module. Keys are the official checkpoint's under `control_model.`: time_embed,
+    input_blocks, middle_block, input_hint_block.{0..14}, zero_convs.{0..11}.0, middle_block_out.0."""
+
+    def __init__(self, cfg: UNetConfig, hint_channels: int = 3):
+        super().__init__(cfg)
+        # 3x3 convs 3-16-16-32-32-96-96-256 (stride 2 into 32, 96, 256: the image -> latent size), SiLU
+        # between, then a zero conv to model_channels.
+        widths = [hint_channels, 16, 16, 32, 32, 96, 96, 256]
+        layers = []
+        for i, (a, b) in enumerate(zip(widths, widths[1:])):
+            layers += [nn.Conv2d(a, b, 3, padding=1, stride=2 if i in (2, 4, 6) else 1), nn.SiLU()]
+        self.input_hint_block = nn.Sequential(*layers, zero_(nn.Conv2d(256, cfg.model_channels, 3, padding=1)))
+        self.zero_convs = nn.ModuleList(nn.Sequential(zero_(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
+        self.middle_block_out = nn.Sequential(zero_(nn.Conv2d(self.middle_channels, self.middle_channels, 1)))
+
+    def forward(self, x, hint, emb, context, context_mask=None) -> list[torch.Tensor]:
+        """x (B, 4, h, w) noisy latents, hint (B, 3, 8h, 8w) in [0, 1] -> the 13 residuals."""
+        skips, middle = self.encode(x, emb, context, context_mask, hint=self.input_hint_block(hint))
+        return [zc(s) for zc, s in zip(self.zero_convs, skips)] + [self.middle_block_out(middle)]
+
+
+class ControlNetUNet(ReferenceUNet):
+    """The SD U-Net with a ControlNet: `forward(x, timesteps, context, hint) -> eps`, hint (B, 3, H, W)
+    the reference image in [0, 1] at the output's pixel size. Its weights are saved under the
+    official `control_model.` prefix; `load` reads our files and official ones."""
+
+    method, title, prefix, config_class = "controlnet", "ControlNet", "control_model.", ControlNetConfig
+
+    def __init__(self, unet: UNet, lock: str = "none", hint_channels: int = 3, train_base: bool = False):
+        super().__init__(unet, ControlNetConfig(hint_channels))
+        p = next(unet.parameters())
+        self.control = ControlNet(unet.config, hint_channels).to(p.device, p.dtype)
+        self._init_encoder_from_unet(self.control)
+        self.set_lock(lock, train_base)
+
+    @property
+    def added(self) -> ControlNet:
+        return self.control
+
+    def lockb_frozen(self) -> list[nn.Module]:
+        """LockB freezes the ControlNet's encoder and hint embedding; its zero convs still train."""
+        c = self.control
+        return [c.time_embed, c.input_blocks, c.middle_block, c.input_hint_block]
+
+    def forward(self, x, timesteps, context, hint):
+        b = x.shape[0]
+        if hint.dim() != 4 or hint.shape[:2] != (b, self.config.hint_channels):
+            raise ValueError(f"hint must be ({b}, {self.config.hint_channels}, H, W), got {tuple(hint.shape)}")
+        unet = self.unet
+        emb = unet.embed_time(timesteps, b, x.dtype)
+        with torch.set_grad_enabled(self.train_base and torch.is_grad_enabled()):  # frozen: keep no graph
+            skips, middle = unet.encode(x, emb if self.train_base else emb.detach(), context)
+        res = self.control(x, hint, self.control.embed_time(timesteps, b, x.dtype), context)
+        return unet.decode(skips, middle, emb, context, skip_residuals=res[:-1], middle_residual=res[-1])
+
+    @classmethod
+    def load(cls, path: str | Path, unet: UNet, lock: str = "none") -> "ControlNetUNet":
+        """A file written by `save`, or an official ControlNet file: `control_model.*` (1.1 files, or
+        1.0 files holding the whole ControlLDM, whose other keys are ignored) or prefix-less keys;
+        an official file has no lock of its own, so it takes `lock`."""
+        read_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            if METADATA_KEY in (f.metadata() or {}):
+                return super().load(path, unet)
+        return cls.load_official(path, unet, lock)
+
+    @classmethod
+    def load_official(cls, path: str | Path, unet: UNet, lock: str = "none") -> "ControlNetUNet":
+        keys = list(read_header(path))
+        prefix = "control_model." if any(k.startswith("control_model.") for k in keys) else ""
+        model = cls(unet, lock=lock)
+        p = next(unet.parameters())
+        names = [k for k in keys if k.startswith(prefix)] if prefix else keys
+        state = read_tensors(path, names, rename=lambda k: k[len(prefix):], device=p.device, dtype=p.dtype)
+        load_strict(model.control, state, source=str(path), layout=detect_layout(keys))
+        return model
+
+    # -- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoiser(self, sd, references: list[Image.Image], concepts: list[str], *, ref_size: int, height: int,
+                 width: int):
+        """`(x, t, context) -> eps` with the one reference as the hint, covering the output size."""
+        if len(references) != 1:
+            raise ValueError(f"the ControlNet baseline takes one reference image, got {len(references)}")
+        hint = resize_and_crop(references[0], height, width)[None].to(sd.device, sd.dtype)
+        return lambda x, t, context: self(x, t, context, hint.expand(x.shape[0], -1, -1, -1))
