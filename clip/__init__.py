@@ -1,12 +1,13 @@
 """CLIP: BPE tokenizer, text encoder (SD v1.5's conditioning), image encoder, preprocessing, loaders."""
 from common.weights import detect_layout
 
-from .loading import load_clip, load_text_encoder
+from .loading import load_clip, load_image_encoder, load_text_encoder
 from .model import (CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextTransformer, CLIPVisionConfig,
-                    CLIPVisionModel, CLIPVisionTransformer)
+                    CLIPVisionModel, CLIPVisionModelWithProjection, CLIPVisionTransformer)
 from .preprocess import CLIP_MEAN, CLIP_STD, preprocess
 from .tokenizer import CLIPTokenizer
 
 __all__ = ["CLIPTokenizer", "CLIPTextConfig", "CLIPVisionConfig", "CLIPTextModel", "CLIPVisionModel",
-           "CLIPModel", "CLIPTextTransformer", "CLIPVisionTransformer", "preprocess", "CLIP_MEAN", "CLIP_STD",
-           "load_text_encoder", "load_clip", "detect_layout"]
+           "CLIPVisionModelWithProjection", "CLIPModel", "CLIPTextTransformer", "CLIPVisionTransformer",
+           "preprocess", "CLIP_MEAN", "CLIP_STD", "load_text_encoder", "load_clip", "load_image_encoder",
+           "detect_layout"]

@@ -9,6 +9,10 @@ Layouts understood (detected from the key names, never from the file name):
   `text_projection.weight`, `visual_projection.weight`, `logit_scale`);
 * `hf-clip-text-unprefixed`: a CLIPTextModel saved by transformers >= 5, which drops `text_model.`.
 
+The image encoder (`load_image_encoder`) reads `hf-clip` files: IP-Adapter's `image_encoder/model.safetensors`
+(a CLIPVisionModelWithProjection: `vision_model.*`, `visual_projection.weight`) or a full CLIP model's file,
+whose text side (`text_model.*`, `text_projection.weight`, `logit_scale`) it leaves unread.
+
 `*.position_ids` buffers are ignored (merged models sometimes hold corrupt ones; positions are
 always 0..L-1). Anything else that does not fit fails with the file, the layout and the first
 missing / unexpected / mis-shaped keys.
@@ -21,7 +25,7 @@ import torch
 
 from common.weights import (CheckpointError, config_beside, detect_layout, load_strict, read_header, read_tensors,
                             resolve_file)
-from .model import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from .model import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 SD_TEXT_PREFIX = "cond_stage_model.transformer."
 
@@ -85,6 +89,93 @@ def load_clip(path: str | Path, text_cfg: CLIPTextConfig | None = None, vision_c
     vision_cfg = vision_cfg or CLIPVisionConfig.vit_l14()
     with torch.device("meta"):
         model = CLIPModel(text_cfg, vision_cfg)
+    state = read_tensors(file, keys, device=device, dtype=dtype)
+    load_strict(model, state, source=str(file), layout=layout)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _is_text_side(key: str) -> bool:
+    """Keys of a full CLIPModel file that the image encoder does not hold."""
+    return key.startswith("text_model.") or key in ("text_projection.weight", "logit_scale")
+
+
+_VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                 "patch_size", "projection_dim", "num_channels")
+
+
+def _square(value):
+    """transformers allows image_size / patch_size as [h, w]; this model is square."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    return value
+
+
+def _vision_config_from_json(found, source: str | Path = "config.json") -> CLIPVisionConfig:
+    """The image tower's config from a transformers config.json dict: a CLIPVisionConfig (fields at
+    the top level, model_type 'clip_vision_model') or a CLIPConfig (fields under 'vision_config', the
+    shared projection_dim at the top level, model_type 'clip'). Values are checked; `source` names
+    the file in errors."""
+    expected = "expected a transformers CLIPVisionConfig or CLIPConfig"
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{source}: {expected}, got a JSON {type(found).__name__}")
+    model_type = found.get("model_type")
+    if "vision_config" in found or model_type == "clip":
+        vision = found.get("vision_config", {})
+        if not isinstance(vision, dict):
+            raise CheckpointError(f"{source}: 'vision_config' is a {type(vision).__name__}, {expected}")
+        d = {**vision, "projection_dim": found.get("projection_dim", 512)}  # CLIPConfig's own default
+    elif model_type in (None, "clip_vision_model"):
+        d = found
+    else:
+        raise CheckpointError(f"{source}: model_type {model_type!r}, {expected} (model_type 'clip_vision_model' "
+                              f"or 'clip')")
+    d = {**d, **{k: _square(d[k]) for k in ("image_size", "patch_size") if k in d}}
+    cfg = CLIPVisionConfig.from_hf(d)
+    bad = [f"{k}={getattr(cfg, k)!r}" for k in _VISION_SIZES
+           if type(getattr(cfg, k)) is not int or getattr(cfg, k) <= 0]
+    if bad:
+        raise CheckpointError(f"{source}: expected positive integers, got {', '.join(bad)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise CheckpointError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+                              f"{cfg.num_attention_heads}")
+    if cfg.patch_size > cfg.image_size:
+        raise CheckpointError(f"{source}: patch_size {cfg.patch_size} is larger than image_size {cfg.image_size}")
+    if cfg.hidden_act not in ("gelu", "quick_gelu"):
+        raise CheckpointError(f"{source}: hidden_act {cfg.hidden_act!r}, expected 'gelu' or 'quick_gelu'")
+    if isinstance(cfg.layer_norm_eps, bool) or not isinstance(cfg.layer_norm_eps, (int, float)) \
+            or not cfg.layer_norm_eps > 0:
+        raise CheckpointError(f"{source}: layer_norm_eps {cfg.layer_norm_eps!r}, expected a positive number")
+    return cfg
+
+
+def load_image_encoder(path: str | Path, cfg: CLIPVisionConfig | None = None, *,
+                       device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> CLIPVisionModelWithProjection:
+    """A CLIP image encoder with its projection (IP-Adapter's `image_encoder/`), strictly.
+
+    `path` is a folder holding `model.safetensors` (or `image_encoder/model.safetensors`) and
+    `config.json`, or a .safetensors file. The file is IP-Adapter's image encoder (`vision_model.*`
+    and `visual_projection.weight`) or a full CLIPModel (openai/clip-vit-large-patch14), whose text
+    keys are ignored. The config is `cfg`, else the `config.json` beside the file (a transformers
+    CLIPVisionConfig or CLIPConfig); there is no default, as both ViT-H/14 and ViT-L/14 are common.
+    """
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    file = resolve_file(path, ["model.safetensors", "image_encoder/model.safetensors"])
+    keys = [k for k in read_header(file) if _not_position_ids(k)]
+    layout = detect_layout(keys)
+    if layout != "hf-clip":
+        raise CheckpointError(f"{file}: detected layout {layout!r} holds no CLIP image encoder (expected 'hf-clip': "
+                              f"keys vision_model.* and visual_projection.weight; first keys: {', '.join(keys[:3])})")
+    keys = [k for k in keys if not _is_text_side(k)]
+    if cfg is None:
+        found = config_beside(file)
+        if found is None:
+            raise CheckpointError(f"{file}: no config.json beside it and no cfg given; pass cfg, e.g. "
+                                  f"CLIPVisionConfig.vit_h14() for IP-Adapter's image encoder")
+        cfg = _vision_config_from_json(found, file.parent / "config.json")
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(cfg)
     state = read_tensors(file, keys, device=device, dtype=dtype)
     load_strict(model, state, source=str(file), layout=layout)
     return model.to(device=device, dtype=dtype).eval()

@@ -10,6 +10,9 @@ Both towers are pre-LayerNorm transformers:
 The text tower is causal and ends in `final_layer_norm`: its last hidden state (B, 77, 768) is
 what SD v1.5 conditions on. The pooled text feature is the hidden state at the EOS token; the pooled
 image feature is the class token after `post_layernorm`. Projections map both to a shared space.
+
+`CLIPVisionModelWithProjection` is the image tower and its projection alone: IP-Adapter's image
+encoder (laion's ViT-H/14, `CLIPVisionConfig.vit_h14()`), whose projected pooled output conditions it.
 """
 from __future__ import annotations
 
@@ -79,6 +82,14 @@ class CLIPVisionConfig:
     def vit_l14(cls) -> "CLIPVisionConfig":
         """Image tower of openai/clip-vit-large-patch14."""
         return cls()
+
+    @classmethod
+    def vit_h14(cls) -> "CLIPVisionConfig":
+        """laion's CLIP-ViT-H-14 image tower: the `image_encoder/` of the official IP-Adapter release
+        for SD v1.5. Unlike OpenAI's ViT-L/14 it uses exact (erf) GELU."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   image_size=224, patch_size=14, layer_norm_eps=1e-5, projection_dim=1024, num_channels=3,
+                   hidden_act="gelu")
 
     @classmethod
     def from_hf(cls, d: dict) -> "CLIPVisionConfig":
@@ -231,6 +242,10 @@ class CLIPVisionTransformer(nn.Module):
         """The class token after post_layernorm."""
         return self.post_layernorm(hidden[:, 0])
 
+    def embed(self, pixel_values, projection: nn.Linear):
+        """`projection` of the pooled image feature: CLIP's image embedding (B, projection_dim)."""
+        return projection(self.pool(self(pixel_values)))
+
 
 class CLIPTextModel(nn.Module):
     """SD v1.5's text encoder: `forward(input_ids) -> (B, L, hidden)` after the final layer norm."""
@@ -259,6 +274,21 @@ class CLIPVisionModel(nn.Module):
         return self.vision_model.pool(self.vision_model(pixel_values))
 
 
+class CLIPVisionModelWithProjection(nn.Module):
+    """The image tower and its projection, as transformers' CLIPVisionModelWithProjection (IP-Adapter's
+    `image_encoder/`; keys `vision_model.*`, `visual_projection.weight`):
+    `forward(pixel_values) -> image_embeds (B, projection_dim)`, un-normalised."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = CLIPVisionTransformer(cfg)
+        self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, pixel_values):
+        return self.vision_model.embed(pixel_values, self.visual_projection)
+
+
 class CLIPModel(nn.Module):
     """Both towers and their projections into the joint embedding space."""
 
@@ -281,7 +311,7 @@ class CLIPModel(nn.Module):
 
     def encode_image(self, pixel_values):
         """Projected, un-normalised image features (B, projection_dim)."""
-        return self.visual_projection(self.vision_model.pool(self.vision_model(pixel_values)))
+        return self.vision_model.embed(pixel_values, self.visual_projection)
 
     def forward(self, input_ids, pixel_values):
         """logits_per_image (B_img, B_text) = exp(logit_scale) * cosine similarity."""
