@@ -2,7 +2,8 @@
 
 Our files (written by `ReferenceUNet.save`) carry their method, config, lock and base U-Net config
 in the safetensors metadata; an official ControlNet file (`control_model.*` keys, or the same keys
-without prefix) carries none, and is recognised by its `input_hint_block`.
+without prefix) carries none, and is recognised by its `input_hint_block`; an official IP-Adapter
+file (`ip-adapter_sd15.safetensors`) by its top-level `image_proj.` and `ip_adapter.<number>.` keys.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from common.weights import CheckpointError, read_header
 from unet import UNet, UNetConfig
 from .base import METADATA_KEY, ReferenceUNet, SavedModel, base_config_mismatch
 from .controlnet import ControlNetConfig, ControlNetUNet
+from .ip_adapter import IPAdapterUNet, is_official_file, official_config, official_key_map
 from .model import RetriUNet
 
-METHODS: dict[str, type[ReferenceUNet]] = {"retrinet": RetriUNet, "controlnet": ControlNetUNet}
+METHODS: dict[str, type[ReferenceUNet]] = {"retrinet": RetriUNet, "controlnet": ControlNetUNet,
+                                           "ip-adapter": IPAdapterUNet}
 
 
 @dataclass
@@ -32,7 +35,8 @@ class CheckpointInfo:
     lock: str = "none"
     train_base: bool = False
     unet_config: dict | None = None   # the base U-Net's config (ours); None in official files
-    shapes: dict | None = None        # official files: {key without prefix: shape}
+    shapes: dict | None = None        # official files: {our key in the added module: shape} (IP-Adapter
+                                      # layers: under official numbers until base_mismatch knows the base)
 
     def base_mismatch(self, cfg: UNetConfig) -> dict:
         """How the file's base differs from `cfg`: {config field: (file's, cfg's)} for our files,
@@ -43,18 +47,23 @@ class CheckpointInfo:
         with torch.device("meta"):
             model = METHODS[self.method](UNet(cfg), **dataclasses.asdict(self.config))
         own = {k: list(v.shape) for k, v in model.added.state_dict().items()}
-        return {k: (self.shapes.get(k), own.get(k)) for k in sorted(set(own) | set(self.shapes))
-                if self.shapes.get(k) != own.get(k)}
+        theirs = self.shapes
+        if self.method == "ip-adapter":  # official layer numbers -> our layers, by cfg's table
+            table = official_key_map(cfg)
+            theirs = {table.get(k, k): v for k, v in theirs.items()}
+        return {k: (theirs.get(k), own.get(k)) for k in sorted(set(own) | set(theirs))
+                if theirs.get(k) != own.get(k)}
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Method, layout, config, lock and base of a RetriNet / ControlNet file; CheckpointError (one
-    line, naming the file) when it is neither."""
+    """Method, layout, config, lock and base of a RetriNet / ControlNet / IP-Adapter file;
+    CheckpointError (one line, naming the file) when it is none of them."""
     path = Path(path)
     header = read_header(path)
     with safe_open(str(path), framework="pt") as f:
         ours = METADATA_KEY in (f.metadata() or {})
-    if ours or any(k.startswith(("retrinet.", "unet.")) for k in header):
+    if ours or any(k.startswith(("retrinet.", "unet.", "ip_adapter.image_proj.", "ip_adapter.layers."))
+                   for k in header):
         saved = SavedModel.read(path)
         if saved.method not in METHODS:
             raise CheckpointError(f"{path}: unknown method {saved.method!r}; expected one of {', '.join(METHODS)}")
@@ -63,14 +72,26 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         except TypeError as e:
             raise CheckpointError(f"{path}: bad {saved.method} config in its metadata ({e})") from None
         return CheckpointInfo(path, saved.method, "ours", config, saved.lock, saved.train_base, saved.unet_config)
+    if is_official_file(header):
+        # The layer numbers map to our layers only for a given base (official_numbers): base_mismatch
+        # renames them; image_proj's keys are ours already.
+        shapes = {k: v["shape"] for k, v in header.items()}
+        return CheckpointInfo(path, "ip-adapter", "official", official_config(header, path), lock="decoder",
+                              shapes=shapes)
     prefix = "control_model." if any(k.startswith("control_model.") for k in header) else ""
     if not any(k.startswith(prefix + "input_hint_block.") for k in header):
         raise CheckpointError(f"{path}: neither a checkpoint written by train.py (no '{METADATA_KEY}' metadata) nor "
-                              f"an official ControlNet file (no input_hint_block keys)")
+                              f"an official ControlNet file (no input_hint_block keys) or IP-Adapter file (no "
+                              f"image_proj. and ip_adapter.<number>. keys)")
     shapes = {k[len(prefix):]: v["shape"] for k, v in header.items() if k.startswith(prefix)}
     return CheckpointInfo(path, "controlnet", "official", ControlNetConfig(), shapes=shapes)
 
 
-def load_reference_model(path: str | Path, unet: UNet) -> ReferenceUNet:
-    """The conditioning model a file holds (RetriNet or ControlNet, ours or official) around `unet`."""
-    return METHODS[inspect_checkpoint(path).method].load(path, unet)
+def load_reference_model(path: str | Path, unet: UNet, image_encoder: torch.nn.Module | None = None) -> ReferenceUNet:
+    """The conditioning model a file holds (RetriNet, ControlNet or IP-Adapter, ours or official)
+    around `unet`. `image_encoder` goes to an IP-Adapter (which encodes its references with it); the
+    other methods take no image encoder and ignore it."""
+    method = inspect_checkpoint(path).method
+    if method == "ip-adapter":
+        return IPAdapterUNet.load(path, unet, image_encoder=image_encoder)
+    return METHODS[method].load(path, unet)

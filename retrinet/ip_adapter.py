@@ -1,0 +1,326 @@
+"""IP-Adapter (Ye et al. 2023), a baseline of the paper (Sec. 3.1): the reference image's projected
+CLIP image embedding becomes a few extra tokens, which every text cross-attention of the frozen SD
+U-Net attends to through its own key / value projections (decoupled cross-attention):
+
+    reference --CLIP image encoder (frozen)--> e (B, D)
+    e --image_proj: Linear(D -> N * C), reshape (B, N, C), LayerNorm--> c_img (N = 4 tokens)
+    in each attn2:  out = to_out( Attn(q, k_text, v_text) + scale * Attn(q, to_k_ip(c_img), to_v_ip(c_img)) )
+
+Only image_proj and the to_k_ip / to_v_ip pairs train (lock "decoder", as in the official training);
+the U-Net takes them through `UNet.forward(..., image_kv=...)`, one (k, v, scale) per transformer block.
+
+Official files (`ip-adapter_sd15.safetensors`) hold `image_proj.proj.*`, `image_proj.norm.*` and
+`ip_adapter.{n}.to_{k,v}_ip.weight`, n the layer's position among diffusers' attention processors
+(down blocks, up blocks, then the mid block; self- and cross-attention alternate, so n is odd);
+`official_numbers` is the one table between those numbers and our module order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+from clip.preprocess import CLIP_MEAN, CLIP_STD
+from common.attention import split_heads
+from common.images import fit_and_pad
+from common.weights import CheckpointError, read_header, read_tensors
+from unet import UNet, UNetConfig
+from unet.model import BasicTransformerBlock
+from .base import METADATA_KEY, ReferenceUNet
+
+
+@dataclass
+class IPAdapterConfig:
+    image_embed_dim: int = 768   # the image encoder's projected embedding (1024 for the official ViT-H/14)
+    num_tokens: int = 4          # image tokens the embedding becomes
+
+
+# -- where the cross-attention layers are -------------------------------------------------------------
+
+def cross_attention_layers(cfg: UNetConfig) -> list[tuple[str, int]]:
+    """(part, channels) of each transformer block of the U-Net `cfg` describes, in our module order
+    (input_blocks, middle_block, output_blocks; the numbering of `UNet.forward`'s `image_kv`); part is
+    "down", "mid" or "up". SD v1.5: 6 down, 1 mid, 9 up."""
+    mc, levels = cfg.model_channels, range(len(cfg.channel_mult))
+    attends = [lv for lv in levels if 2 ** lv in cfg.attention_resolutions]  # LDM: ds = 2^level
+    down = [("down", cfg.channel_mult[lv] * mc) for lv in attends for _ in range(cfg.num_res_blocks * cfg.depth(lv))]
+    mid = [("mid", cfg.channel_mult[-1] * mc)] * cfg.depth(len(cfg.channel_mult) - 1)
+    up = [("up", cfg.channel_mult[lv] * mc) for lv in reversed(attends)
+          for _ in range((cfg.num_res_blocks + 1) * cfg.depth(lv))]
+    return down + mid + up
+
+
+def official_numbers(cfg: UNetConfig) -> list[int]:
+    """Entry i: the number n under which official IP-Adapter files store our cross-attention layer i
+    (`ip_adapter.{n}.to_k_ip.weight`). The official numbering counts every attention processor in
+    diffusers' `UNet2DConditionModel.attn_processors` order, which visits down_blocks, up_blocks and
+    only then mid_block (the order the modules were registered); self- (even) and cross-attention
+    (odd) alternate. SD v1.5: ours 0-5 -> 1, 3, ..., 11; ours 6 (middle) -> 31; ours 7-15 -> 13, ..., 29."""
+    parts = [part for part, _ in cross_attention_layers(cfg)]
+    order = [i for want in ("down", "up", "mid") for i, part in enumerate(parts) if part == want]
+    number = {i: 2 * position + 1 for position, i in enumerate(order)}
+    return [number[i] for i in range(len(parts))]
+
+
+def official_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """{official key: our key (in IPAdapter)} for every tensor of an official IP-Adapter file."""
+    keys = {f"image_proj.{k}": f"image_proj.{k}" for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")}
+    for i, n in enumerate(official_numbers(cfg)):
+        for kv in ("to_k_ip", "to_v_ip"):
+            keys[f"ip_adapter.{n}.{kv}.weight"] = f"layers.{i}.{kv}.weight"
+    return keys
+
+
+def is_official_file(keys) -> bool:
+    """Keys of an official IP-Adapter file: top-level `image_proj.` and `ip_adapter.<number>.`."""
+    keys = list(keys)
+    return any(k.startswith("image_proj.") for k in keys) and any(
+        k.startswith("ip_adapter.") and k.split(".")[1].isdigit() for k in keys)
+
+
+def official_config(header: dict, path, context_dim: int | None = None) -> IPAdapterConfig:
+    """The config an official file's shapes imply: image_embed_dim = proj.weight's columns,
+    num_tokens = its rows // context_dim (the U-Net's when given, else the file's own, from
+    image_proj.norm.weight)."""
+    need = ["image_proj.proj.weight"] + ([] if context_dim else ["image_proj.norm.weight"])
+    missing = [k for k in need if k not in header]
+    if missing:
+        raise CheckpointError(f"{path}: official IP-Adapter file without {', '.join(missing)}")
+    rows, dim = header["image_proj.proj.weight"]["shape"]
+    ctx = context_dim or header["image_proj.norm.weight"]["shape"][0]
+    if rows % ctx:
+        raise CheckpointError(f"{path}: image_proj.proj.weight has {rows} rows, not a multiple of the context "
+                              f"dimension {ctx} (made for another base U-Net?)")
+    return IPAdapterConfig(image_embed_dim=dim, num_tokens=rows // ctx)
+
+
+# -- the module -------------------------------------------------------------------------------------
+
+class ImageProjection(nn.Module):
+    """(B, image_embed_dim) -> (B, num_tokens, context_dim): Linear, reshape, LayerNorm (keys proj, norm)."""
+
+    def __init__(self, image_embed_dim: int, num_tokens: int, context_dim: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(image_embed_dim, num_tokens * context_dim)
+        self.norm = nn.LayerNorm(context_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        x = self.proj(image_embeds.to(self.proj.weight.dtype))
+        return self.norm(x.reshape(x.shape[0], self.num_tokens, -1))
+
+
+class ImageKV(nn.Module):
+    """One cross-attention layer's image keys and values: to_k_ip, to_v_ip (context_dim -> inner)."""
+
+    def __init__(self, context_dim: int, inner: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+        self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+
+    def forward(self, tokens: torch.Tensor, scale: float):
+        return split_heads(self.to_k_ip(tokens), self.heads), split_heads(self.to_v_ip(tokens), self.heads), scale
+
+
+class IPAdapter(nn.Module):
+    """image_proj plus one ImageKV per transformer block of the U-Net (`layers.{i}`, our module order)."""
+
+    def __init__(self, unet_cfg: UNetConfig, image_embed_dim: int = 768, num_tokens: int = 4):
+        super().__init__()
+        ctx = unet_cfg.context_dim
+        self.image_proj = ImageProjection(image_embed_dim, num_tokens, ctx)
+        self.layers = nn.ModuleList(ImageKV(ctx, ch, unet_cfg.heads_and_dim(ch)[0])
+                                    for _, ch in cross_attention_layers(unet_cfg))
+
+    def forward(self, image_embeds: torch.Tensor, scale: float = 1.0) -> list[tuple]:
+        """image_embeds (B, image_embed_dim) -> `image_kv` for UNet.forward: [(k, v, scale)], k and v
+        (B, heads, num_tokens, dim_head), one per transformer block."""
+        tokens = self.image_proj(image_embeds)
+        return [layer(tokens, scale) for layer in self.layers]
+
+
+# -- CLIP preprocessing of training pixels ----------------------------------------------------------
+
+def clip_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> CLIP's input (N, 3, size, size) float32: shortest side to `size`
+    (bicubic, antialiased), centre crop, clamp to [0, 1] (as uint8 pixels would be), CLIP mean / std.
+    clip.preprocess as a tensor op, for batches already on the device."""
+    if pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be (N, 3, H, W) in [-1, 1], got {tuple(pixels.shape)}")
+    x = (pixels.float() + 1) / 2
+    h, w = x.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(size * long / short)
+    new_hw = (size, new_long) if h <= w else (new_long, size)
+    if new_hw != (h, w):
+        x = F.interpolate(x, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[:, :, top:top + size, left:left + size].clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _image_size(encoder: nn.Module) -> int:
+    """The input size of an image encoder: `config.image_size` (ours and transformers'), else `image_size`."""
+    size = getattr(getattr(encoder, "config", None), "image_size", None) or getattr(encoder, "image_size", None)
+    if not isinstance(size, int):
+        raise ValueError(f"cannot tell the input size of the image encoder {type(encoder).__name__} (it has neither "
+                         f"config.image_size nor image_size)")
+    return size
+
+
+# -- the conditioning model -------------------------------------------------------------------------
+
+class IPAdapterUNet(ReferenceUNet):
+    """The SD U-Net with an IP-Adapter: `forward(x, timesteps, context, image_embeds, scale=1.0) -> eps`,
+    image_embeds (B, image_embed_dim) the projected CLIP image embedding of each sample's reference.
+
+    `image_encoder` (optional; a clip.CLIPVisionModelWithProjection, pixel_values -> (B, D)) turns
+    reference pixels into those embeddings (`encode_references`, `denoiser`). It is frozen, moves with
+    the model and is no part of its checkpoints. The default lock, "decoder", trains the adapter alone
+    with SD frozen, as the official training; "none" also trains SD's decoder; LockB does not apply."""
+
+    method, title, prefix, config_class = "ip-adapter", "IP-Adapter", "ip_adapter.", IPAdapterConfig
+
+    def __init__(self, unet: UNet, image_embed_dim: int = 768, num_tokens: int = 4, lock: str = "decoder",
+                 train_base: bool = False, image_encoder: nn.Module | None = None):
+        super().__init__(unet, IPAdapterConfig(image_embed_dim, num_tokens))
+        p = next(unet.parameters())
+        self.adapter = IPAdapter(unet.config, image_embed_dim, num_tokens).to(p.device, p.dtype)
+        if len(self.adapter.layers) != unet.num_transformer_blocks:
+            raise ValueError(f"the U-Net has {unet.num_transformer_blocks} transformer blocks, its config "
+                             f"describes {len(self.adapter.layers)}")
+        # As the official tutorial_train.py: each to_k_ip / to_v_ip starts as a copy of its layer's
+        # text to_k / to_v, so the image tokens are first read the way text tokens are.
+        blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+        with torch.no_grad():
+            for layer, block in zip(self.adapter.layers, blocks):
+                layer.to_k_ip.weight.copy_(block.attn2.to_k.weight)
+                layer.to_v_ip.weight.copy_(block.attn2.to_v.weight)
+        self.image_encoder = None
+        self.attach_image_encoder(image_encoder)
+        self.set_lock(lock, train_base)
+
+    @property
+    def added(self) -> IPAdapter:
+        return self.adapter
+
+    def attach_image_encoder(self, encoder: nn.Module | None) -> None:
+        """Use `encoder` (frozen, in eval mode) for `encode_references`; None detaches it."""
+        if encoder is not None:
+            encoder.requires_grad_(False).eval()
+        self.image_encoder = encoder
+
+    def set_lock(self, lock: str, train_base: bool = False) -> None:
+        if lock == "both":
+            self.lockb_frozen()
+        super().set_lock(lock, train_base)
+
+    def lockb_frozen(self) -> list[nn.Module]:
+        raise ValueError("LockB does not apply to IP-Adapter: it has no encoder of its own to freeze "
+                         "(use lock 'decoder' or 'none')")
+
+    def frozen_parts(self) -> list[nn.Module]:
+        """SD's frozen parts under the lock, and the image encoder (never trained)."""
+        return super().frozen_parts() + ([self.image_encoder] if self.image_encoder is not None else [])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.image_encoder is not None:
+            self.image_encoder.eval()
+        return self
+
+    def forward(self, x, timesteps, context, image_embeds, scale: float = 1.0):
+        """With scale 0 the adapter is skipped: plain SD, exactly. Gradients reach the adapter through
+        the (frozen) U-Net's cross-attention layers."""
+        b, d = x.shape[0], self.config.image_embed_dim
+        if image_embeds.dim() != 2 or tuple(image_embeds.shape) != (b, d):
+            raise ValueError(f"image_embeds must be ({b}, {d}), got {tuple(image_embeds.shape)}")
+        image_kv = None if scale == 0 else self.adapter(image_embeds, scale)
+        return self.unet(x, timesteps, context, image_kv=image_kv)
+
+    # -- references -------------------------------------------------------------------------------
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, H, W) in [-1, 1] (as the training loader gives them) -> the image encoder's
+        projected embeddings (N, image_embed_dim), without gradients."""
+        enc = self.image_encoder
+        if enc is None:
+            raise ValueError("the IP-Adapter has no image encoder: build or load it with image_encoder=... "
+                             "(e.g. clip.load_image_encoder(...)) to encode reference images")
+        p = next(enc.parameters())
+        with torch.no_grad():
+            out = enc(clip_pixels(pixels, _image_size(enc)).to(p.device, p.dtype))
+        out = getattr(out, "image_embeds", out)  # transformers' output object, or a tensor
+        if out.dim() != 2 or out.shape[1] != self.config.image_embed_dim:
+            raise ValueError(f"the image encoder gives {tuple(out.shape)}, the IP-Adapter takes "
+                             f"(N, {self.config.image_embed_dim})")
+        return out
+
+    @torch.no_grad()
+    def denoiser(self, sd, references: list[Image.Image], concepts: list[str], *, ref_size: int, height: int,
+                 width: int, scale: float = 1.0):
+        """`(x, t, context) -> eps` with the one reference's embedding (fitted and padded to `ref_size`
+        as the training loader does, then CLIP-encoded once) for every sample of the batch."""
+        if len(references) != 1:
+            raise ValueError(f"the IP-Adapter baseline takes one reference image, got {len(references)}")
+        pixels = fit_and_pad(references[0], ref_size)[0][None].to(sd.device)
+        embeds = self.encode_references(pixels).to(sd.device, sd.dtype)  # (1, D)
+        return lambda x, t, context: self(x, t, context, embeds.expand(x.shape[0], -1), scale)
+
+    # -- files ------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, unet: UNet, lock: str = "decoder",
+             image_encoder: nn.Module | None = None) -> "IPAdapterUNet":
+        """A file written by `save` (its own lock), or an official IP-Adapter file (which takes `lock`)."""
+        read_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            ours = METADATA_KEY in (f.metadata() or {})
+        if ours:
+            model = super().load(path, unet)
+            model.attach_image_encoder(image_encoder)
+            return model
+        return cls.load_official(path, unet, lock, image_encoder)
+
+    @classmethod
+    def load_official(cls, path: str | Path, unet: UNet, lock: str = "decoder",
+                      image_encoder: nn.Module | None = None) -> "IPAdapterUNet":
+        """An official IP-Adapter file, strictly: every key of `official_key_map`, nothing else, each
+        of the shape the model has; errors name the file and the official keys."""
+        header = read_header(path)
+        if not is_official_file(header):
+            raise CheckpointError(f"{path}: not an IP-Adapter file (no 'image_proj.' and 'ip_adapter.<n>.' keys, "
+                                  f"no '{METADATA_KEY}' metadata); first keys: {', '.join(list(header)[:3])}")
+        config = official_config(header, path, unet.config.context_dim)
+        model = cls(unet, config.image_embed_dim, config.num_tokens, lock=lock, image_encoder=image_encoder)
+        table = official_key_map(unet.config)
+        own = model.adapter.state_dict()
+        missing = [k for k in table if k not in header]
+        unexpected = [k for k in header if k not in table]
+        shapes = [f"{k} (file {tuple(header[k]['shape'])}, model {tuple(own[table[k]].shape)})"
+                  for k in table if k in header and tuple(header[k]["shape"]) != tuple(own[table[k]].shape)]
+        if missing or unexpected or shapes:
+            problems = [f"{len(v)} {what}: {_first(v)}" for what, v in
+                        (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches (made for another base U-Net?)", shapes)) if v]
+            raise CheckpointError(f"{path}: official IP-Adapter file does not fit this U-Net "
+                                  f"({len(model.adapter.layers)} cross-attention layers): " + "; ".join(problems))
+        p = next(unet.parameters())
+        state = read_tensors(path, list(table), rename=table.__getitem__, device=p.device, dtype=p.dtype)
+        model.adapter.load_state_dict(state, strict=True)
+        return model
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_ip_adapter(path: str | Path, unet: UNet, image_encoder: nn.Module | None = None) -> IPAdapterUNet:
+    """An IP-Adapter around `unet` from our file or an official one (`ip-adapter_sd15.safetensors`)."""
+    return IPAdapterUNet.load(path, unet, image_encoder=image_encoder)
