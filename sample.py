@@ -8,9 +8,11 @@
 `--weights` is SD v1.5's single file or a diffusers folder. Images go to `--out` as PNGs named
 `<prompt>-s<seed>-<index>.png`, each carrying its full generation parameters as JSON in the PNG
 text chunk "parameters". The same arguments give byte-identical files on the same machine.
-With `--retrinet` (a RetriNet checkpoint, or an official ControlNet file for the baseline) the
-references condition the generation; `--guidance` then drops the text and keeps the references.
-`--ref-guidance` adds a separate reference scale for RetriNets trained with reference dropout.
+With `--retrinet` (a checkpoint written by train.py for any --method, or an official ControlNet or
+IP-Adapter file) the references condition the generation; `--guidance` then drops the text and
+keeps the references. `--ref-guidance` adds a separate reference scale for RetriNets trained with
+reference dropout; `--ip-scale` weighs an IP-Adapter's image attention, whose `--image-encoder`
+(CLIP vision weights) it needs. The method is read from the file.
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     refs.add_argument("--ref-size", type=int, default=384, help="references are fitted and padded to this square")
     refs.add_argument("--ref-guidance", type=float, default=None,
                       help="separate reference guidance scale (RetriNet trained with reference dropout)")
+    refs.add_argument("--ip-scale", type=float, default=None,
+                      help="IP-Adapter: weight of the image attention (default 1.0; the paper evaluates 0.5)")
+    refs.add_argument("--image-encoder", default=None,
+                      help="IP-Adapter: CLIP vision weights (the official image_encoder/ folder, or a tiny run's "
+                           "image-encoder/)")
     return ap.parse_args(argv)
 
 
@@ -83,14 +90,16 @@ def check_references(args: argparse.Namespace) -> list[str]:
     the checkpoint's method."""
     from diffusion.sd15 import unet_config_for
     from retrinet import reference_problems
-    if not args.retrinet and not args.refs and args.ref_guidance is None:
+    reference_options = (args.ref_guidance, args.ip_scale, args.image_encoder)
+    if not (args.retrinet or args.refs) and all(v is None for v in reference_options):
         return []
     try:
         unet_config = unet_config_for(args.weights, args.config)
     except (OSError, ValueError) as e:
         return [str(e)]
     problems, method = reference_problems(args.retrinet, args.refs, args.concepts, ref_size=args.ref_size,
-                                          ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config)
+                                          ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config,
+                                          ip_scale=args.ip_scale, image_encoder=args.image_encoder)
     args.mode = args.mode or method
     return problems
 
@@ -107,6 +116,15 @@ def load_sd(args: argparse.Namespace):
                      configs=load_configs(args.config) if args.config else None)
 
 
+def load_reference_model(args: argparse.Namespace, sd):
+    """The --retrinet model around `sd`'s U-Net (with --image-encoder for an IP-Adapter), in eval mode."""
+    import retrinet
+    from clip import load_image_encoder
+    encoder = (load_image_encoder(args.image_encoder, device=sd.device, dtype=sd.dtype)
+               if args.image_encoder else None)
+    return retrinet.load_reference_model(args.retrinet, sd.unet, image_encoder=encoder).eval()
+
+
 def generate(args: argparse.Namespace, sd, model=None, progress=None) -> list[tuple]:
     """One batch of `args.num` images: a list of (uint8 tensor (H, W, 3), the parameters its PNG records)."""
     from common.images import open_image
@@ -116,9 +134,10 @@ def generate(args: argparse.Namespace, sd, model=None, progress=None) -> list[tu
                               negative_prompt=args.negative_prompt, num=args.num, steps=args.steps,
                               guidance=args.guidance, ref_guidance=args.ref_guidance, sampler=args.sampler,
                               seed=args.seed, height=args.height, width=args.width, ref_size=args.ref_size,
-                              progress=progress)
+                              ip_scale=args.ip_scale, progress=progress)
     return [(image, png_parameters(p, weights=args.weights, precision=args.precision, device=args.device,
-                                   checkpoint=args.retrinet, reference_files=args.refs))
+                                   checkpoint=args.retrinet, reference_files=args.refs,
+                                   image_encoder=args.image_encoder))
             for image, p in zip(images, params)]
 
 
@@ -148,9 +167,8 @@ def main(argv=None) -> int:
 
     model = None
     if args.retrinet:
-        from retrinet import load_reference_model
         try:
-            model = load_reference_model(args.retrinet, sd.unet).eval()
+            model = load_reference_model(args, sd)
         except (CheckpointError, ValueError) as e:
             print(f"sample.py: error: {e}", file=sys.stderr)
             return 1

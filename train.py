@@ -1,8 +1,19 @@
-"""Train RetriNet on a RetriBooru dataset (paper Sec. 5.2, Supp. A.4; docs/design.md sections 3-5).
+"""Train RetriNet, or a baseline of the paper's Sec. 3.1, on a RetriBooru dataset (paper Sec. 5.2,
+Supp. A.3-A.4; docs/design.md sections 3-5).
 
     python train.py --preset tiny --data synthetic/ --out runs/tiny             # CPU, minutes
     torchrun --nproc_per_node 8 train.py --preset sd15 --weights v1-5-pruned-emaonly.safetensors \\
         --data RetriBooru/ --task compose --out runs/compose --precision fp16 --checkpointing --zero
+    torchrun --nproc_per_node 8 train.py --method controlnet --setting a --preset sd15 \\
+        --weights v1-5-pruned-emaonly.safetensors --data RetriBooru/ --out runs/controlnet-a \\
+        --resolution 256 --precision fp16                       # the paper's baselines: 256 px, fp16
+
+--method retrinet (default) | controlnet | ip-adapter: every method trains in this loop. The
+baselines take one whole-figure reference (--task recon, K = 1) and train as their own code does:
+ControlNet as diffusers' train_controlnet.py (SD frozen, lock "decoder"; the reference at the
+target's size is the hint; prompts emptied with --prompt-drop), IP-Adapter as its official
+tutorial_train.py (SD and the CLIP image encoder frozen, lock "decoder"; the image embedding, the
+text or both dropped with probability 0.05 each; --image-encoder gives the encoder for sd15).
 
 One optimizer step = --grad-accum micro-batches of --batch-size per process, so the global batch is
 processes x batch size x accumulation (paper: 1 x 8). The DDP gradient all-reduce runs on the last
@@ -41,8 +52,8 @@ MAX_BAD_STEPS = 50  # non-finite steps in a row that stop the run
 
 def parse_args(argv=None) -> argparse.Namespace:
     from data.dataset import REF_BACKGROUNDS, SETTINGS, TASKS
-    from retrinet import LOCKS
-    from training.presets import PRESETS
+    from retrinet import LOCKS, METHODS
+    from training.presets import METHOD_DEFAULTS, PRESETS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="sd15",
                     help="sd15: RetriNet on SD v1.5 (--weights); tiny: small configs from scratch, pixel space")
@@ -52,13 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="RetriBooru root (annotations.jsonl)")
     ap.add_argument("--out", required=True, help="output folder")
     task = ap.add_argument_group("task (Sec. 5.2)")
+    task.add_argument("--method", choices=list(METHODS), default="retrinet",
+                      help="retrinet, or a baseline of Sec. 3.1: controlnet, ip-adapter")
     task.add_argument("--task", choices=TASKS, default="recon")
     task.add_argument("--setting", choices=SETTINGS, default="b", help="a: the target is its own reference (leaky)")
-    task.add_argument("--refs", type=int, default=2, help="references per target (K)")
-    task.add_argument("--lock", choices=LOCKS, default="none",
-                      help="none: train E + cross-attention + SD decoder; decoder: LockD; both: LockB")
-    task.add_argument("--prompt-drop", "--p-drop", type=float, default=0.5, dest="prompt_drop",
-                      help="probability of replacing the prompt by \"\" (the paper's P025 / P075: 0.25 / 0.75)")
+    task.add_argument("--refs", type=int, default=None, help="references per target (K; default 2, baselines 1)")
+    task.add_argument("--lock", choices=LOCKS, default=None,
+                      help="none: train the method's module + SD decoder (RetriNet's default); decoder: LockD, "
+                           "SD frozen (the baselines' default); both: LockB, RetriNet's E / the ControlNet's "
+                           "encoder frozen too")
+    task.add_argument("--prompt-drop", "--p-drop", type=float, default=None, dest="prompt_drop",
+                      help="probability of replacing the prompt by \"\" (default 0.5; the paper's P025 / P075: "
+                           "0.25 / 0.75; IP-Adapter drops with its own scheme)")
     task.add_argument("--face-weight", type=float, default=0.1, help="lambda_face of Eq. 3")
     task.add_argument("--ref-drop", type=float, default=0.0,
                       help="probability of replacing all references by a learned null reference (enables "
@@ -69,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="white: references show only the figure, their background whitened through the "
                            "sample's segmentation mask (Supp. A.1); keep: whole pictures (the paper's recipe)")
     task.add_argument("--heads", type=int, default=None, help="attention heads of RetriNet's cross-attention")
+    task.add_argument("--image-encoder", default=None,
+                      help="ip-adapter with --preset sd15: CLIP vision weights (the official image_encoder/ folder, "
+                           "ViT-H/14, or openai/clip-vit-large-patch14, the paper's ViT-L/14)")
     opt = ap.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch")
     opt.add_argument("--grad-accum", type=int, default=None)
@@ -101,9 +120,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--val-guidance", type=float, default=3.0)
     run.add_argument("--val-ref-guidance", type=float, default=3.0, help="used when --ref-drop > 0")
     args = ap.parse_args(argv)
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args.explicit = sorted(k for k, v in vars(args).items() if v is not None and ap.get_default(k) is None)
+    for defaults in (METHOD_DEFAULTS[args.method], PRESETS[args.preset]):
+        for name, value in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if args.preset == "tiny" and "lock" not in args.explicit:
+        args.lock = "none"  # the tiny base trains from scratch, with everything
+    if args.method == "controlnet" and "ref_resolution" not in args.explicit:
+        args.ref_resolution = args.resolution  # the hint is the reference at the target's size
     return args
 
 
@@ -143,6 +168,42 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems.append("--precision fp16 (with a GradScaler) needs CUDA; use fp32 or bf16 on the CPU")
     if args.resume and args.resume != "latest" and not (Path(args.resume) / "state.pt").is_file():
         problems.append(f"--resume {args.resume}: not a checkpoint folder (no state.pt)")
+    return problems + method_problems(args)
+
+
+def method_problems(args: argparse.Namespace) -> list[str]:
+    """Options that do not apply to --method: the baselines take one whole-figure reference
+    (Sec. 3.1) and have no null reference or reference attention."""
+    method = f"--method {args.method}"
+    problems = []
+    if args.image_encoder and args.method != "ip-adapter":
+        problems.append(f"--image-encoder belongs to --method ip-adapter, not {args.method}")
+    if args.method == "retrinet":
+        return problems
+    if args.task != "recon":
+        problems.append(f"{method} takes one whole-figure reference: only --task recon applies, got {args.task}")
+    if args.refs != 1:
+        problems.append(f"{method} takes one reference: --refs 1, got {args.refs}")
+    if args.ref_drop > 0:
+        problems.append(f"--ref-drop replaces RetriNet's references by its learned null reference; {method} has none")
+    if "heads" in args.explicit:
+        problems.append(f"--heads sets RetriNet's reference attention; {method} has none")
+    if args.method == "controlnet" and args.ref_resolution != args.resolution:
+        problems.append(f"{method}: the hint is the reference at the target's size, so --ref-resolution "
+                        f"{args.ref_resolution} must equal --resolution {args.resolution}")
+    if args.method == "ip-adapter":
+        if args.lock == "both":
+            problems.append("--lock both (LockB) freezes an encoder the IP-Adapter does not have; use none or decoder")
+        if "prompt_drop" in args.explicit:
+            problems.append("--prompt-drop: the IP-Adapter drops the text, the image or both with probability 0.05 "
+                            "each, as its official training; it takes no --prompt-drop")
+        if args.preset == "sd15" and not args.image_encoder:
+            problems.append("--method ip-adapter with --preset sd15 needs --image-encoder (CLIP vision weights: the "
+                            "official image_encoder/ folder or openai/clip-vit-large-patch14)")
+        if args.preset == "tiny" and args.image_encoder:
+            problems.append("--preset tiny builds its own small image encoder: --image-encoder belongs to --preset sd15")
+        if args.image_encoder and not Path(args.image_encoder).exists():
+            problems.append(f"--image-encoder {args.image_encoder}: no such file or folder")
     return problems
 
 
@@ -176,11 +237,13 @@ def all_sum(values: list, world: int) -> list[float]:
 # -- the run ---------------------------------------------------------------------------------------
 
 def build(args, device, rank: int, out: Path):
-    """The SD parts and the RetriUNet, on `device`; frozen parts in half precision under amp."""
+    """The SD parts and the --method model around SD's U-Net, on `device`; frozen parts in half
+    precision under amp."""
     import torch
     from diffusion.sd15 import load_configs, load_sd15
-    from retrinet import RetriUNet
-    from training.presets import build_tiny, frozen_to, save_base
+    from retrinet import ControlNetUNet, IPAdapterUNet, RetriUNet
+    from training.presets import build_tiny, frozen_to, image_encoder_for, save_base
+    from unet import UNetEncoder
     if args.preset == "tiny":
         sd = build_tiny(args.seed)
         if rank == 0 and not (out / "base.safetensors").is_file():
@@ -194,11 +257,18 @@ def build(args, device, rank: int, out: Path):
         sd = load_sd15(args.weights, configs=load_configs(args.config) if args.config else None)
     for part in (sd.unet, sd.vae, sd.text_encoder):
         part.to(device)
-    model = RetriUNet(sd.unet, heads=args.heads, lock=args.lock, null_reference=args.ref_drop > 0,
-                      train_base=args.preset == "tiny")
+    common = dict(lock=args.lock, train_base=args.preset == "tiny")
+    if args.method == "retrinet":
+        model = RetriUNet(sd.unet, heads=args.heads, null_reference=args.ref_drop > 0, **common)
+    elif args.method == "controlnet":
+        model = ControlNetUNet(sd.unet, hint_downscale=sd.vae.config.downscale, **common)
+    else:
+        encoder = image_encoder_for(args, out, rank).to(device)
+        model = IPAdapterUNet(sd.unet, image_embed_dim=encoder.config.projection_dim, image_encoder=encoder, **common)
     if args.checkpointing:
-        model.retrinet.encoder.gradient_checkpointing = True
-        sd.unet.gradient_checkpointing = True
+        for m in model.modules():
+            if isinstance(m, UNetEncoder):  # SD's U-Net, RetriNet's E, the ControlNet
+                m.gradient_checkpointing = True
     if args.precision != "fp32":  # frozen weights may live in half precision; trainable ones stay fp32
         frozen_to(sd, model, getattr(torch, PRECISIONS[args.precision]))
     sd.vae.eval()
@@ -235,8 +305,8 @@ class Run:
         self.sd, self.model = build(args, device, rank, out)
         self.params = self.model.trainable_parameters()
         self.log(f"{args.preset}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M parameters in the "
-                 f"denoiser, {sum(p.numel() for p in self.params) / 1e6:.1f} M trainable (lock {args.lock}); "
-                 f"{world} process(es) on {device}, {args.precision}")
+                 f"denoiser, {sum(p.numel() for p in self.params) / 1e6:.1f} M trainable ({args.method}, "
+                 f"lock {args.lock}); {world} process(es) on {device}, {args.precision}")
         self.ddp = (DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1
                     else self.model)
         self.optimizer = make_optimizer(self.params, args, world)

@@ -1,11 +1,13 @@
-"""Benchmark: whole training steps of train.py (data loading, VAE and text encoding, RetriUNet forward
-and backward, AdamW), timed through the same functions the training loop calls.
+"""Benchmark: whole training steps of train.py (data loading, VAE and text encoding, the method's
+forward and backward, AdamW), timed through the same functions the training loop calls.
 
-    .venv/bin/python bench/train.py [--precision bf16]         # tiny preset on the CPU: steps/s, samples/s
-    .venv/bin/python bench/train.py --preset sd15 --device cuda [--lock decoder]
-        # SD v1.5 size with random weights (none can be downloaded here), 384 px, K = 2, batch 1,
-        # fp16 autocast + GradScaler, gradient checkpointing: samples/s, peak memory, parameter
-        # counts, and the achieved fraction of the GPU's peak (FLOPs counted by torch's FlopCounterMode)
+    .venv/bin/python bench/train.py [--method controlnet] [--precision bf16]   # tiny preset, CPU: steps/s
+    .venv/bin/python bench/train.py --preset sd15 --device cuda [--method ip-adapter] [--lock decoder]
+        # SD v1.5 size with random weights (none can be downloaded here), batch 1, fp16 autocast +
+        # GradScaler, gradient checkpointing; RetriNet at 384 px with K = 2, the baselines at 256 px
+        # with one reference (the paper's Supp. A.3; IP-Adapter with a random ViT-H/14 image encoder):
+        # samples/s, peak memory, parameter counts, and the achieved fraction of the GPU's peak
+        # (FLOPs counted by torch's FlopCounterMode)
 
 No reference implementation of RetriNet training exists to take a ratio against; the U-Net's own
 ratio to diffusers is bench/unet.py's. This script reports absolute throughput and, on a GPU, the
@@ -23,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from data.dataset import RetriBooruDataset  # noqa: E402
-from retrinet import LOCKS  # noqa: E402
+from retrinet import LOCKS, METHODS  # noqa: E402
 from data.synthetic import generate  # noqa: E402
 from data.stream import BatchStream  # noqa: E402
 from training.objective import Conditioning, diffusion_loss  # noqa: E402
@@ -34,19 +36,27 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}  # de
 
 def build_random_sd15(args, device):
     """SD v1.5-size parts with random weights, as train.build would set them up."""
-    from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
     from diffusion.sd15 import StableDiffusion
-    from retrinet import RetriUNet
-    from unet import UNet, UNetConfig
+    from retrinet import ControlNetUNet, IPAdapterUNet, RetriUNet
+    from unet import UNet, UNetConfig, UNetEncoder
     from vae import AutoencoderKL, VAEConfig
     with torch.device(device):
         sd = StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15()),
                              CLIPTextModel(CLIPTextConfig.vit_l14()), CLIPTokenizer.default())
-        model = RetriUNet(sd.unet, heads=8, lock=args.lock, null_reference=False)
+        if args.method == "retrinet":
+            model = RetriUNet(sd.unet, heads=8, lock=args.lock, null_reference=False)
+        elif args.method == "controlnet":
+            model = ControlNetUNet(sd.unet, lock=args.lock)
+        else:
+            encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.vit_h14()).requires_grad_(False).eval()
+            model = IPAdapterUNet(sd.unet, image_embed_dim=1024, lock=args.lock, image_encoder=encoder)
     frozen_to(sd, model, torch.float16)
     sd.vae.eval()
     sd.text_encoder.eval()
-    model.retrinet.encoder.gradient_checkpointing = sd.unet.gradient_checkpointing = True
+    for m in model.modules():
+        if isinstance(m, UNetEncoder):
+            m.gradient_checkpointing = True
     return sd, model
 
 
@@ -54,7 +64,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--lock", default="none", choices=LOCKS)
+    ap.add_argument("--method", default="retrinet", choices=list(METHODS))
+    ap.add_argument("--lock", default=None, choices=LOCKS, help="default: the method's (train.py's)")
     ap.add_argument("--data", default=None, help="RetriBooru root (default: a synthetic one in a temp folder)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
@@ -69,8 +80,8 @@ def main():
         generate(data, identities=16, images_per_identity=4, size=size, seed=0, noise_fraction=0.0)
 
     if a.preset == "tiny":
-        args = train.parse_args(["--preset", "tiny", "--data", str(data), "--out", tmp.name, "--device", a.device,
-                                 "--precision", a.precision])
+        args = train.parse_args(["--preset", "tiny", "--method", a.method, "--data", str(data), "--out", tmp.name,
+                                 "--device", a.device, "--precision", a.precision])
         assert not train.check_args(args)
         sd, model = train.build(args, device, 1, Path(tmp.name))
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
@@ -78,8 +89,10 @@ def main():
     else:
         if device.type != "cuda":
             sys.exit("bench/train.py: --preset sd15 measures the GPU recipe (fp16); use --device cuda")
-        args = train.parse_args(["--preset", "sd15", "--weights", "random", "--data", str(data), "--out", tmp.name,
-                                 "--lock", a.lock, "--precision", "fp16", "--checkpointing"])
+        size = ["--resolution", "256"] if a.method != "retrinet" else []  # the paper's baselines: 256 px
+        lock = ["--lock", a.lock] if a.lock else []
+        args = train.parse_args(["--preset", "sd15", "--method", a.method, "--weights", "random", "--data", str(data),
+                                 "--out", tmp.name, "--precision", "fp16", "--checkpointing", *size, *lock])
         sd, model = build_random_sd15(args, device)
         amp, scaler = torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     params = model.trainable_parameters()
@@ -119,7 +132,7 @@ def main():
     n_all = sum(p.numel() for p in model.parameters()) + sum(p.numel() for m in (sd.vae, sd.text_encoder)
                                                             for p in m.parameters())
     n_train = sum(p.numel() for p in params)
-    print(f"preset {a.preset}, lock {args.lock}, {device}, {args.precision}, {args.resolution} px, K = {args.refs}, "
+    print(f"preset {a.preset}, method {args.method}, lock {args.lock}, {device}, {args.precision}, {args.resolution} px, K = {args.refs}, "
           f"batch {args.batch_size}, threads {torch.get_num_threads()}")
     print(f"parameters: {n_all / 1e6:.1f} M in all, {n_train / 1e6:.1f} M trainable "
           f"(fp32 weights + grads + AdamW state: {16 * n_train / 2**30:.2f} GiB)")

@@ -90,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--per-seed", type=int, default=4, help="images per seed (one batch)")
     ap.add_argument("--weights", required=True, help="SD v1.5 single .safetensors file or diffusers folder")
-    ap.add_argument("--retrinet", default=None, help="RetriNet checkpoint or official ControlNet file "
-                                                     "(without: SD v1.5 from the prompt alone)")
+    ap.add_argument("--retrinet", default=None, help="a checkpoint of any --method (RetriNet, ControlNet, "
+                    "IP-Adapter; ours or official), as sample.py (without: SD v1.5 from the prompt alone)")
     ap.add_argument("--mode", choices=list(METHODS), default=None,
                     help="what --retrinet holds (default: read from the file)")
     ap.add_argument("--out", required=True, help="this model's folder: images and manifest.jsonl")
@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.0, help="paper: 7")
     ap.add_argument("--ref-guidance", type=float, default=None)
+    ap.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter's image attention weight (paper: 0.5)")
+    ap.add_argument("--image-encoder", default=None, help="IP-Adapter: CLIP vision weights, as sample.py")
     ap.add_argument("--sampler", default="pndm")
     ap.add_argument("--negative-prompt", default="")
     ap.add_argument("--device", default="auto")
@@ -131,15 +133,17 @@ def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
     args.precision = args.precision or default_precision(args.device)
     problems += device_problems(args.device, args.precision)
     if problems or not args.retrinet:
-        return problems + (["--ref-guidance needs --retrinet"] if args.ref_guidance is not None and not args.retrinet
-                           else [])
+        return problems + [f"{flag} needs --retrinet" for flag, value in (("--ref-guidance", args.ref_guidance),
+                           ("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder))
+                           if value is not None and not args.retrinet]
     try:
         unet_config = unet_config_for(args.weights, args.config)
     except (OSError, ValueError) as e:
         return [str(e)]
     for i, c in enumerate(characters):
         found, method = reference_problems(args.retrinet, c["refs"], c["concepts"], ref_size=args.ref_size,
-                                           ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config)
+                                           ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config,
+                                           ip_scale=args.ip_scale, image_encoder=args.image_encoder)
         args.mode = args.mode or method
         problems += [p if i == 0 else f"{c['where']}: {p}" for p in found
                      if p not in problems and f"{c['where']}: {p}" not in problems]
@@ -195,6 +199,7 @@ def main(argv=None) -> int:
         write_manifest(manifest, [g for j in jobs if done[j] for g in entries(*j)])
 
     if todo:
+        from clip import load_image_encoder
         from common.images import open_image, save_png
         from common.options import torch_dtype
         from common.weights import CheckpointError
@@ -204,7 +209,10 @@ def main(argv=None) -> int:
         try:
             sd = load_sd15(args.weights, device=args.device, dtype=torch_dtype(args.precision),
                            configs=load_configs(args.config) if args.config else None)
-            model = load_reference_model(args.retrinet, sd.unet).eval() if args.retrinet else None
+            encoder = (load_image_encoder(args.image_encoder, device=sd.device, dtype=sd.dtype)
+                       if args.image_encoder else None)
+            model = (load_reference_model(args.retrinet, sd.unet, image_encoder=encoder).eval() if args.retrinet
+                     else None)
         except (CheckpointError, ValueError) as e:
             return fail(str(e), 1)
         log(f"loaded {args.weights}{' + ' + args.retrinet if args.retrinet else ''} on {args.device} in "
@@ -218,10 +226,12 @@ def main(argv=None) -> int:
             images, params = generate(sd, prompts[k], model=model, references=references, concepts=c["concepts"],
                                       negative_prompt=args.negative_prompt, num=args.per_seed, steps=args.steps,
                                       guidance=args.guidance, ref_guidance=args.ref_guidance, sampler=args.sampler,
-                                      seed=seed, height=args.size, width=args.size, ref_size=args.ref_size)
+                                      seed=seed, height=args.size, width=args.size, ref_size=args.ref_size,
+                                      ip_scale=args.ip_scale)
             for image, p, path in zip(images, params, paths(ci, k, seed)):
                 record = png_parameters(p, weights=args.weights, precision=args.precision, device=args.device,
-                                        checkpoint=args.retrinet, reference_files=c["refs"])
+                                        checkpoint=args.retrinet, reference_files=c["refs"],
+                                        image_encoder=args.image_encoder)
                 tmp = path.with_name(f".{path.stem}.partial.png")
                 save_png(image, {**record, "model": model_name, "character": c["id"], "prompt_index": k}, tmp)
                 os.replace(tmp, path)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from PIL import Image
 from safetensors import safe_open
 
-from common.images import resize_and_crop
+from common.images import fit_and_pad
 from common.weights import detect_layout, load_strict, read_header, read_tensors
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
@@ -29,20 +29,28 @@ from .base import METADATA_KEY, ReferenceUNet
 @dataclass
 class ControlNetConfig:
     hint_channels: int = 3
+    # Pixels per latent cell: the hint embedding downsamples the image by this factor to the latent
+    # grid (8 for SD's VAE, three stride-2 convs; 1 for a U-Net that diffuses pixels, as the tiny preset).
+    hint_downscale: int = 8
+
+    def __post_init__(self):
+        if self.hint_downscale not in (1, 2, 4, 8):
+            raise ValueError(f"hint_downscale must be 1, 2, 4 or 8, got {self.hint_downscale}")
 
 
 class ControlNet(UNetEncoder):
     """The ControlNet module. Keys are the official checkpoint's under `control_model.`: time_embed,
     input_blocks, middle_block, input_hint_block.{0..14}, zero_convs.{0..11}.0, middle_block_out.0."""
 
-    def __init__(self, cfg: UNetConfig, hint_channels: int = 3):
+    def __init__(self, cfg: UNetConfig, hint_channels: int = 3, hint_downscale: int = 8):
         super().__init__(cfg)
-        # 3x3 convs 3-16-16-32-32-96-96-256 (stride 2 into 32, 96, 256: the image -> latent size), SiLU
-        # between, then a zero conv to model_channels.
+        # 3x3 convs 3-16-16-32-32-96-96-256 (stride 2 into 32, 96, 256 for SD: the image -> latent size),
+        # SiLU between, then a zero conv to model_channels.
         widths = [hint_channels, 16, 16, 32, 32, 96, 96, 256]
+        strided = (2, 4, 6)[:hint_downscale.bit_length() - 1]
         layers = []
         for i, (a, b) in enumerate(zip(widths, widths[1:])):
-            layers += [nn.Conv2d(a, b, 3, padding=1, stride=2 if i in (2, 4, 6) else 1), nn.SiLU()]
+            layers += [nn.Conv2d(a, b, 3, padding=1, stride=2 if i in strided else 1), nn.SiLU()]
         self.input_hint_block = nn.Sequential(*layers, zero_(nn.Conv2d(256, cfg.model_channels, 3, padding=1)))
         self.zero_convs = nn.ModuleList(nn.Sequential(zero_(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
         self.middle_block_out = nn.Sequential(zero_(nn.Conv2d(self.middle_channels, self.middle_channels, 1)))
@@ -56,14 +64,16 @@ class ControlNet(UNetEncoder):
 class ControlNetUNet(ReferenceUNet):
     """The SD U-Net with a ControlNet: `forward(x, timesteps, context, hint) -> eps`, hint (B, 3, H, W)
     the reference image in [0, 1] at the output's pixel size. Its weights are saved under the
-    official `control_model.` prefix; `load` reads our files and official ones."""
+    official `control_model.` prefix; `load` reads our files and official ones. The default lock,
+    "decoder", trains the ControlNet alone with SD frozen, as diffusers' train_controlnet.py."""
 
     method, title, prefix, config_class = "controlnet", "ControlNet", "control_model.", ControlNetConfig
 
-    def __init__(self, unet: UNet, lock: str = "none", hint_channels: int = 3, train_base: bool = False):
-        super().__init__(unet, ControlNetConfig(hint_channels))
+    def __init__(self, unet: UNet, lock: str = "decoder", hint_channels: int = 3, hint_downscale: int = 8,
+                 train_base: bool = False):
+        super().__init__(unet, ControlNetConfig(hint_channels, hint_downscale))
         p = next(unet.parameters())
-        self.control = ControlNet(unet.config, hint_channels).to(p.device, p.dtype)
+        self.control = ControlNet(unet.config, hint_channels, hint_downscale).to(p.device, p.dtype)
         self._init_encoder_from_unet(self.control)
         self.set_lock(lock, train_base)
 
@@ -88,7 +98,7 @@ class ControlNetUNet(ReferenceUNet):
         return unet.decode(skips, middle, emb, context, skip_residuals=res[:-1], middle_residual=res[-1])
 
     @classmethod
-    def load(cls, path: str | Path, unet: UNet, lock: str = "none") -> "ControlNetUNet":
+    def load(cls, path: str | Path, unet: UNet, lock: str = "decoder") -> "ControlNetUNet":
         """A file written by `save`, or an official ControlNet file: `control_model.*` (1.1 files, or
         1.0 files holding the whole ControlLDM, whose other keys are ignored) or prefix-less keys;
         an official file has no lock of its own, so it takes `lock`."""
@@ -99,7 +109,7 @@ class ControlNetUNet(ReferenceUNet):
         return cls.load_official(path, unet, lock)
 
     @classmethod
-    def load_official(cls, path: str | Path, unet: UNet, lock: str = "none") -> "ControlNetUNet":
+    def load_official(cls, path: str | Path, unet: UNet, lock: str = "decoder") -> "ControlNetUNet":
         keys = list(read_header(path))
         prefix = "control_model." if any(k.startswith("control_model.") for k in keys) else ""
         model = cls(unet, lock=lock)
@@ -113,8 +123,11 @@ class ControlNetUNet(ReferenceUNet):
     @torch.no_grad()
     def denoiser(self, sd, references: list[Image.Image], concepts: list[str], *, ref_size: int, height: int,
                  width: int):
-        """`(x, t, context) -> eps` with the one reference as the hint, covering the output size."""
+        """`(x, t, context) -> eps` with the one reference as the hint at the output size, prepared as
+        the training loader prepares references (fitted and padded with white), so a ControlNet
+        trained here sees what it saw in training."""
         if len(references) != 1:
             raise ValueError(f"the ControlNet baseline takes one reference image, got {len(references)}")
-        hint = resize_and_crop(references[0], height, width)[None].to(sd.device, sd.dtype)
+        hint = (fit_and_pad(references[0], (height, width))[0] + 1) / 2
+        hint = hint[None].to(sd.device, sd.dtype)
         return lambda x, t, context: self(x, t, context, hint.expand(x.shape[0], -1, -1, -1))

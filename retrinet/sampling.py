@@ -25,7 +25,7 @@ from common.options import CONCEPTS
 from diffusion.sd15 import ClassifierFreeGuidance, StableDiffusion, text_to_image
 from unet import UNetConfig
 from .base import ReferenceUNet
-from .checkpoints import inspect_checkpoint
+from .checkpoints import METHODS, inspect_checkpoint
 
 
 class ReferenceGuidance:
@@ -61,11 +61,13 @@ def generate(sd: StableDiffusion, prompt: str, *, model: ReferenceUNet | None = 
              references: list[Image.Image] = (), concepts: list[str] | None = None, negative_prompt: str = "",
              num: int = 1, steps: int = 50, guidance: float = 7.0, ref_guidance: float | None = None,
              sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512, ref_size: int = 384,
-             progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+             ip_scale: float | None = None, progress: Callable[[int, int], None] | None = None
+             ) -> tuple[torch.Tensor, list[dict]]:
     """`num` images for one prompt, conditioned on `references` (RGB images of one identity, each
-    with its concept) when `model` is given, else plain SD. Returns uint8 (num, H, W, 3) on the CPU
-    and, per image, its generation parameters (what `png_parameters` records). The same arguments
-    give the same images on the same machine."""
+    with its concept) when `model` is given, else plain SD. `ip_scale` weighs an IP-Adapter's image
+    attention (default 1; the paper evaluates 0.5 and shows 0.75). Returns uint8 (num, H, W, 3) on the
+    CPU and, per image, its generation parameters (what `png_parameters` records). The same
+    arguments give the same images on the same machine."""
     if model is None and (references or ref_guidance is not None):
         raise ValueError("references and ref_guidance need a conditioning model")
     if model is not None and not references:
@@ -73,10 +75,15 @@ def generate(sd: StableDiffusion, prompt: str, *, model: ReferenceUNet | None = 
     if ref_guidance is not None and not getattr(model.config, "null_reference", False):
         raise ValueError(f"ref_guidance needs a RetriNet with a null reference (trained with reference dropout), "
                          f"not this {model.method}")
+    ip_adapter = model is not None and model.method == "ip-adapter"
+    if ip_scale is not None and not ip_adapter:
+        raise ValueError(f"ip_scale weighs an IP-Adapter's image attention; not for {model.method if model else 'SD'}")
     predictor = None
     if model is not None:
         concepts = expand_concepts(concepts, len(references))
-        denoiser = model.denoiser(sd, list(references), concepts, ref_size=ref_size, height=height, width=width)
+        options = {"scale": 1.0 if ip_scale is None else ip_scale} if ip_adapter else {}
+        denoiser = model.denoiser(sd, list(references), concepts, ref_size=ref_size, height=height, width=width,
+                                  **options)
         predictor = (ClassifierFreeGuidance(denoiser, guidance) if ref_guidance is None
                      else ReferenceGuidance(denoiser, guidance, ref_guidance))
     images = text_to_image(sd, prompt, negative_prompt, num=num, steps=steps, guidance=guidance, sampler=sampler,
@@ -87,35 +94,47 @@ def generate(sd: StableDiffusion, prompt: str, *, model: ReferenceUNet | None = 
                  seed=seed, index=i, num=num, height=height, width=width)
         if model is not None:
             p.update(mode=model.method, concepts=concepts, ref_size=ref_size, ref_guidance=ref_guidance)
+        if ip_adapter:
+            p.update(ip_scale=options["scale"])
         params.append(p)
     return images, params
 
 
 def png_parameters(params: dict, *, weights: str | Path, precision: str, device: str,
-                   checkpoint: str | Path | None = None, reference_files: list[str | Path] = ()) -> dict:
+                   checkpoint: str | Path | None = None, reference_files: list[str | Path] = (),
+                   image_encoder: str | Path | None = None) -> dict:
     """The JSON a PNG's "parameters" text chunk records: `generate`'s parameters of that image, and
-    which files made it (base weights, conditioning checkpoint and references, by file name)."""
+    which files made it (base weights, conditioning checkpoint, references and, for an IP-Adapter,
+    its image encoder, by file name)."""
     sampling = ("prompt", "negative_prompt", "steps", "guidance", "sampler", "seed", "index", "num", "height", "width")
     out = {k: params[k] for k in sampling}
     out.update(weights=Path(weights).name, precision=precision, device=device)
     if checkpoint is not None:
         out.update(retrinet=Path(checkpoint).name, mode=params["mode"], refs=[Path(p).name for p in reference_files],
                    concepts=params["concepts"], ref_size=params["ref_size"], ref_guidance=params["ref_guidance"])
+    if "ip_scale" in params:
+        out.update(ip_scale=params["ip_scale"], image_encoder=Path(image_encoder).name if image_encoder else None)
     return out
 
 
 def reference_problems(checkpoint: str | Path | None, references: list[str | Path], concepts: list[str], *,
-                       ref_size: int, ref_guidance: float | None, mode: str | None,
-                       unet_config: UNetConfig) -> tuple[list[str], str | None]:
+                       ref_size: int, ref_guidance: float | None, mode: str | None, unet_config: UNetConfig,
+                       ip_scale: float | None = None, image_encoder: str | Path | None = None
+                       ) -> tuple[list[str], str | None]:
     """Every problem with a request to sample with references, found without building a model:
     unreadable images, concept counts, a checkpoint that is not one or was made for another base
     U-Net, options its method does not take. Returns (problems, the checkpoint's method). Messages
     name the options of sample.py and eval.protocol, which share them."""
     if not checkpoint and not references:
-        return (["--ref-guidance needs --retrinet and --refs"] if ref_guidance is not None else []), None
+        extra = [f"{flag} needs --retrinet and --refs" for flag, value in
+                 (("--ref-guidance", ref_guidance), ("--ip-scale", ip_scale), ("--image-encoder", image_encoder))
+                 if value is not None]
+        return extra, None
     if not checkpoint or not references:
         return ["--retrinet and --refs go together"], None
     problems = []
+    if image_encoder is not None and not Path(image_encoder).exists():
+        problems.append(f"--image-encoder {image_encoder}: no such file or folder")
     for path in references:
         try:
             open_image(path, "reference")
@@ -138,7 +157,8 @@ def reference_problems(checkpoint: str | Path | None, references: list[str | Pat
         return problems + [f"--retrinet {ckpt}: {e}"], None
     if diff:
         what = (f"made for another base U-Net (differs in {', '.join(sorted(diff))})" if info.layout == "ours"
-                else f"not a ControlNet for this base U-Net (keys or shapes differ: {', '.join(list(diff)[:3])})")
+                else f"not a {METHODS[info.method].title} for this base U-Net (keys or shapes differ: "
+                     f"{', '.join(list(diff)[:3])})")
         return problems + [f"--retrinet {ckpt}: {what}"], info.method
     if mode and mode != info.method:
         return problems + [f"--mode {mode}: {ckpt} holds a {info.method} checkpoint"], info.method
@@ -146,6 +166,12 @@ def reference_problems(checkpoint: str | Path | None, references: list[str | Pat
         problems.append(f"--ref-guidance: {ckpt} has no null reference (it was not trained with reference dropout)"
                         if info.method == "retrinet" else
                         f"--ref-guidance needs a RetriNet with a null reference, not a {info.method}")
-    if info.method == "controlnet" and len(references) != 1:
-        problems.append(f"--refs: the ControlNet baseline takes one reference image, got {len(references)}")
+    if info.method != "retrinet" and len(references) != 1:
+        problems.append(f"--refs: the {METHODS[info.method].title} baseline takes one reference image, "
+                        f"got {len(references)}")
+    if info.method == "ip-adapter" and image_encoder is None:
+        problems.append(f"--retrinet {ckpt} is an IP-Adapter: it needs --image-encoder (CLIP vision weights)")
+    if info.method != "ip-adapter":
+        problems += [f"{flag} applies to IP-Adapter checkpoints; {ckpt} holds a {info.method}" for flag, value in
+                     (("--ip-scale", ip_scale), ("--image-encoder", image_encoder)) if value is not None]
     return problems, info.method

@@ -206,7 +206,7 @@ class _Recorder(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = type("R", (), {"null_reference": False})()
+        self.method, self.config = "retrinet", type("R", (), {"null_reference": False})()
 
     def forward(self, x_t, t, *args, **kwargs):
         self.x_t, self.t = x_t, t

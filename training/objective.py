@@ -47,36 +47,72 @@ def diffusion_loss(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Co
     """Eq. 3 as docs/design.md section 5 defines it, per sample then averaged over the batch:
         L_i = sum_pixels valid * (1 + face_weight * face) * mean_c (eps - eps_theta)^2 / sum_pixels valid
     with the masks area-resized to latent resolution. A v-prediction schedule (the tiny preset) puts
-    its target v in place of eps (`NoiseSchedule.target`). Runs under the caller's autocast."""
+    its target v in place of eps (`NoiseSchedule.target`). How the references enter depends on the
+    method (`CONDITIONS`). Runs under the caller's autocast."""
     device = sd.device
     gens = [sample_generator(seed, epoch, int(i)) for i in batch["index"]]
-    b, k = batch["refs"].shape[:2]
     images = batch["image"].to(device, non_blocking=True)
-    refs = batch["refs"].to(device, non_blocking=True)
     with torch.no_grad():
-        target, ref_post = sd.vae.encode(images), sd.vae.encode(refs.flatten(0, 1))
-        shape, ref_shape = target.mean.shape[1:], (k, *ref_post.mean.shape[1:])
+        target = sd.vae.encode(images)
+        shape = target.mean.shape[1:]
         t = torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=g) for g in gens]).to(device)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        drop = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device) < ref_drop
+        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device)  # each sample's dropout draw
         # Posterior samples (PixelSpace's posterior has std 0: its "latents" are exactly the pixels).
         vae_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        ref_noise = torch.stack([torch.randn(ref_shape, generator=g) for g in gens]).to(device)
         x0 = (target.mean.float() + target.std.float() * vae_noise) * sd.latent_scale
-        ref_latents = (ref_post.mean.float().unflatten(0, (b, k))
-                       + ref_post.std.float().unflatten(0, (b, k)) * ref_noise) * sd.latent_scale
         x_t = schedule.add_noise(x0, noise, t)
-        context = text(batch["prompt"])
-        ref_context = text([c for cs in batch["concepts"] for c in cs]).unflatten(0, (b, k))
-    null = getattr(getattr(model, "module", model).config, "null_reference", False)
-    out = model(x_t, t, context, ref_latents, ref_context, batch["ref_mask"].to(device),
-                ref_drop=drop if null else None)
+        method = getattr(model, "module", model)
+        inputs = CONDITIONS[method.method](method, sd, text, batch, gens, u, ref_drop)
+    out = model(x_t, t, **inputs)
     size = x0.shape[-2:]
     valid = F.interpolate(batch["valid"].to(device).float(), size=size, mode="area")
     face = F.interpolate(batch["face"].to(device).float(), size=size, mode="area")
     err = (out.float() - schedule.target(x0, noise, t)).pow(2).mean(dim=1, keepdim=True)
     per_sample = (err * valid * (1 + face_weight * face)).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp_min(1e-6)
     return per_sample.mean()
+
+
+# -- how each method's references enter its forward pass (the keyword arguments besides x_t, t) --------
+
+def retrinet_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
+    """K references as VAE posterior samples with their concept texts; a sample whose draw u falls
+    below `ref_drop` sees the learned null reference instead (our addition, docs/design.md section 5)."""
+    refs = batch["refs"].to(sd.device, non_blocking=True)
+    b, k = refs.shape[:2]
+    post = sd.vae.encode(refs.flatten(0, 1))
+    ref_noise = torch.stack([torch.randn((k, *post.mean.shape[1:]), generator=g) for g in gens]).to(sd.device)
+    latents = (post.mean.float().unflatten(0, (b, k)) + post.std.float().unflatten(0, (b, k)) * ref_noise)
+    ref_context = text([c for cs in batch["concepts"] for c in cs]).unflatten(0, (b, k))
+    return dict(context=text(batch["prompt"]), refs=latents * sd.latent_scale, ref_context=ref_context,
+                ref_mask=batch["ref_mask"].to(sd.device), ref_drop=(u < ref_drop) if model.config.null_reference else None)
+
+
+def controlnet_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
+    """The one reference as the hint in [0, 1], at the target's pixel size (as diffusers'
+    train_controlnet.py feeds its conditioning image); prompts were emptied by the loader."""
+    hint = (batch["refs"][:, 0].to(sd.device, non_blocking=True).float() + 1) / 2
+    if hint.shape[-2:] != batch["image"].shape[-2:]:
+        raise ValueError(f"the ControlNet's hint must have the target's size {tuple(batch['image'].shape[-2:])}, "
+                         f"got {tuple(hint.shape[-2:])} (use --ref-resolution = --resolution)")
+    return dict(context=text(batch["prompt"]), hint=hint)
+
+
+IP_ADAPTER_DROPS = (0.05, 0.05, 0.05)  # image alone, text alone, both: IP-Adapter's tutorial_train.py
+
+
+def ip_adapter_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
+    """The one reference's CLIP image embedding (frozen encoder). As IP-Adapter's official training
+    script: with probability 0.05 each, the image embedding is zeroed, the text emptied, or both."""
+    p_image, p_text, p_both = IP_ADAPTER_DROPS
+    drop_image = (u < p_image) | ((u >= p_image + p_text) & (u < p_image + p_text + p_both))
+    drop_text = (u >= p_image) & (u < p_image + p_text + p_both)
+    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_text.tolist())]
+    embeds = model.encode_references(batch["refs"][:, 0].to(sd.device, non_blocking=True))
+    return dict(context=text(prompts), image_embeds=embeds * (~drop_image).to(embeds.dtype)[:, None])
+
+
+CONDITIONS = {"retrinet": retrinet_inputs, "controlnet": controlnet_inputs, "ip-adapter": ip_adapter_inputs}
 
 
 def lr_at(step: int, *, lr: float, warmup: int, restart_every: int, min_lr: float = 0.0) -> float:

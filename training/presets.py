@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                  load_image_encoder)
 from diffusion.schedule import NoiseSchedule
 from diffusion.sd15 import StableDiffusion
 from retrinet import ReferenceUNet
@@ -25,6 +26,16 @@ PRESETS = {
                  max_steps=9000, val_steps=25, workers=4),
     "tiny": dict(heads=1, resolution=24, ref_resolution=16, batch_size=32, grad_accum=1, lr=1e-3, restart_every=100_000, warmup=50,
                  max_steps=1500, val_steps=25, workers=0),
+}
+
+
+# What each method defaults to where the preset does not decide (train.py fills in what the command
+# line leaves out): RetriNet as the paper (K = 2, SD's decoder trains); the baselines as their own
+# training code (one reference, SD frozen); IP-Adapter drops text and image itself (objective.py).
+METHOD_DEFAULTS = {
+    "retrinet": dict(refs=2, lock="none", prompt_drop=0.5),
+    "controlnet": dict(refs=1, lock="decoder", prompt_drop=0.5),
+    "ip-adapter": dict(refs=1, lock="decoder", prompt_drop=0.0),
 }
 
 
@@ -50,7 +61,12 @@ def tiny_configs() -> dict:
     # 0.03 leaves sqrt(5.7e-6). So close to pure noise an eps model cannot give x_0 (its error is
     # divided by sqrt(acp_t) < 0.03 for the last 30% of timesteps): the tiny U-Net predicts v.
     schedule = NoiseSchedule(beta_end=0.03, prediction="v_prediction")
-    return {"unet": unet, "vae": PixelSpaceConfig(), "text_encoder": text, "schedule": schedule}
+    # The IP-Adapter's frozen image encoder: a small random CLIP vision tower (its embeddings need only
+    # tell references apart), with SD's patch size; it sees the references at 32 px.
+    image = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=32, patch_size=8, projection_dim=64)
+    return {"unet": unet, "vae": PixelSpaceConfig(), "text_encoder": text, "schedule": schedule,
+            "image_encoder": image}
 
 
 def build_tiny(seed: int) -> StableDiffusion:
@@ -76,6 +92,26 @@ def save_base(sd: StableDiffusion, out: Path) -> tuple[Path, Path]:
                                    "text_encoder": dataclasses.asdict(cfg["text_encoder"]),
                                    "schedule": dataclasses.asdict(sd.schedule)}, indent=1))
     return weights, configs
+
+
+def image_encoder_for(args, out: Path, rank: int) -> CLIPVisionModelWithProjection:
+    """The IP-Adapter's frozen CLIP image encoder: --image-encoder's weights for sd15; for the tiny
+    preset a small random one drawn from the seed (so every process and every resumed run has the
+    same), which rank 0 also writes to out/image-encoder/ in the layout of IP-Adapter's
+    image_encoder/ folder, for sample.py --image-encoder."""
+    if args.preset != "tiny":
+        return load_image_encoder(args.image_encoder).eval().requires_grad_(False)
+    cfg = tiny_configs()["image_encoder"]
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed + 1)
+        encoder = CLIPVisionModelWithProjection(cfg)
+    folder = out / "image-encoder"
+    if rank == 0 and not (folder / "model.safetensors").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(folder / ".model.tmp"))
+        (folder / ".model.tmp").replace(folder / "model.safetensors")
+    return encoder.eval().requires_grad_(False)
 
 
 def frozen_to(sd: StableDiffusion, model: ReferenceUNet, dtype: torch.dtype) -> None:
