@@ -3,10 +3,9 @@ Supp. A.3-A.4; docs/design.md sections 3-5).
 
     python train.py --preset tiny --data synthetic/ --out runs/tiny             # CPU, minutes
     torchrun --nproc_per_node 8 train.py --preset sd15 --weights v1-5-pruned-emaonly.safetensors \\
-        --data RetriBooru/ --task compose --out runs/compose --precision fp16 --checkpointing --zero
-    torchrun --nproc_per_node 8 train.py --method controlnet --setting a --preset sd15 \\
-        --weights v1-5-pruned-emaonly.safetensors --data RetriBooru/ --out runs/controlnet-a \\
-        --resolution 256 --precision fp16                       # the paper's baselines: 256 px, fp16
+        --data RetriBooru/ --task compose --out runs/compose --checkpointing --zero    # fp32, as the paper
+    torchrun --nproc_per_node 8 train.py --method controlnet --setting a --preset sd15-256 \\
+        --weights v1-5-pruned-emaonly.safetensors --data RetriBooru/ --out runs/controlnet-a   # 256 px, fp16
 
 --method retrinet (default) | controlnet | ip-adapter: every method trains in this loop. The
 baselines take one whole-figure reference (--task recon, K = 1) and train as their own code does:
@@ -56,8 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     from training.presets import METHOD_DEFAULTS, PRESETS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="sd15",
-                    help="sd15: RetriNet on SD v1.5 (--weights); tiny: small configs from scratch, pixel space")
-    ap.add_argument("--weights", default=None, help="SD v1.5 single file or diffusers folder (preset sd15)")
+                    help="sd15: on SD v1.5 (--weights), 384 px, fp32 (RetriNet as the paper); sd15-256: the same at "
+                         "256 px in fp16 (the paper's baselines, Supp. A.3); tiny: small configs from scratch, pixel "
+                         "space, CPU")
+    ap.add_argument("--weights", default=None, help="SD v1.5 single file or diffusers folder (presets sd15*)")
     ap.add_argument("--config", default=None, help="JSON of unet / vae / text_encoder configs for --weights "
                                                    "that are not SD v1.5's shape (as sample.py --config)")
     ap.add_argument("--data", required=True, help="RetriBooru root (annotations.jsonl)")
@@ -66,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--method", choices=list(METHODS), default="retrinet",
                       help="retrinet, or a baseline of Sec. 3.1: controlnet, ip-adapter")
     task.add_argument("--task", choices=TASKS, default="recon")
-    task.add_argument("--setting", choices=SETTINGS, default="b", help="a: the target is its own reference (leaky)")
+    task.add_argument("--setting", choices=SETTINGS, default="b", help="a: target and references are independent transforms of one image (leaky, Sec. 3.1); "
+                           "b: references are other images of the same identity")
     task.add_argument("--refs", type=int, default=None, help="references per target (K; default 2, baselines 1)")
     task.add_argument("--lock", choices=LOCKS, default=None,
                       help="none: train the method's module + SD decoder (RetriNet's default); decoder: LockD, "
@@ -75,18 +77,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     task.add_argument("--prompt-drop", "--p-drop", type=float, default=None, dest="prompt_drop",
                       help="probability of replacing the prompt by \"\" (default 0.5; the paper's P025 / P075: "
                            "0.25 / 0.75; IP-Adapter drops with its own scheme)")
-    task.add_argument("--face-weight", type=float, default=0.1, help="lambda_face of Eq. 3")
+    task.add_argument("--face-weight", type=float, default=None,
+                      help="lambda_face of Eq. 3 (RetriNet: 0.1; the baselines: 0, Sec. 3.1 uses no face loss)")
     task.add_argument("--ref-drop", type=float, default=0.0,
                       help="probability of replacing all references by a learned null reference (enables "
-                           "--ref-guidance at sampling; 0 in the paper's recipe)")
+                           "--ref-guidance at sampling; our addition, 0 by default)")
     task.add_argument("--resolution", type=int, default=None)
     task.add_argument("--ref-resolution", type=int, default=None, help="reference side (default: --resolution)")
     task.add_argument("--ref-background", choices=REF_BACKGROUNDS, default="keep",
                       help="white: references show only the figure, their background whitened through the "
-                           "sample's segmentation mask (Supp. A.1); keep: whole pictures (the paper's recipe)")
+                           "sample's segmentation mask (Supp. A.1); keep: whole pictures (the default; the paper does not "
+                           "say whether its references keep their background)")
     task.add_argument("--heads", type=int, default=None, help="attention heads of RetriNet's cross-attention")
     task.add_argument("--image-encoder", default=None,
-                      help="ip-adapter with --preset sd15: CLIP vision weights (the official image_encoder/ folder, "
+                      help="ip-adapter with --preset sd15*: CLIP vision weights (the official image_encoder/ folder, "
                            "ViT-H/14, or openai/clip-vit-large-patch14, the paper's ViT-L/14)")
     opt = ap.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch")
@@ -102,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--zero", action="store_true", help="shard the AdamW state across processes (ZeRO-1)")
     run = ap.add_argument_group("run")
-    run.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    run.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                     help="default: the preset's (fp32; fp16 for sd15-256)")
     run.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in E and the decoder")
     run.add_argument("--device", default="auto", help="cpu, cuda or auto")
     run.add_argument("--workers", type=int, default=None, help="data loader processes per training process")
@@ -136,12 +141,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
     """Every problem with the arguments, found before anything is built."""
     import torch
     problems = []
-    if args.preset == "sd15" and not args.weights:
-        problems.append("--preset sd15 needs --weights (SD v1.5, single file or diffusers folder)")
+    if args.preset != "tiny" and not args.weights:
+        problems.append(f"--preset {args.preset} needs --weights (SD v1.5, single file or diffusers folder)")
     if args.weights and not Path(args.weights).exists():
         problems.append(f"--weights {args.weights}: no such file or folder")
     if args.preset == "tiny" and (args.weights or args.config):
-        problems.append("--preset tiny trains from scratch: --weights / --config belong to --preset sd15")
+        problems.append("--preset tiny trains from scratch: --weights / --config belong to the sd15 presets")
     if args.config and not Path(args.config).is_file():
         problems.append(f"--config {args.config}: no such file")
     for root in filter(None, (args.data, args.val_data)):
@@ -197,11 +202,11 @@ def method_problems(args: argparse.Namespace) -> list[str]:
         if "prompt_drop" in args.explicit:
             problems.append("--prompt-drop: the IP-Adapter drops the text, the image or both with probability 0.05 "
                             "each, as its official training; it takes no --prompt-drop")
-        if args.preset == "sd15" and not args.image_encoder:
-            problems.append("--method ip-adapter with --preset sd15 needs --image-encoder (CLIP vision weights: the "
-                            "official image_encoder/ folder or openai/clip-vit-large-patch14)")
+        if args.preset != "tiny" and not args.image_encoder:
+            problems.append(f"--method ip-adapter with --preset {args.preset} needs --image-encoder (CLIP vision "
+                            f"weights: the official image_encoder/ folder or openai/clip-vit-large-patch14)")
         if args.preset == "tiny" and args.image_encoder:
-            problems.append("--preset tiny builds its own small image encoder: --image-encoder belongs to --preset sd15")
+            problems.append("--preset tiny builds its own small image encoder: --image-encoder belongs to the sd15 presets")
         if args.image_encoder and not Path(args.image_encoder).exists():
             problems.append(f"--image-encoder {args.image_encoder}: no such file or folder")
     return problems

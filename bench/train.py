@@ -88,10 +88,10 @@ def main():
         scaler = torch.amp.GradScaler(enabled=False)
     else:
         if device.type != "cuda":
-            sys.exit("bench/train.py: --preset sd15 measures the GPU recipe (fp16); use --device cuda")
+            sys.exit(f"bench/train.py: --preset {a.preset} measures the GPU recipe (fp16); use --device cuda")
         size = ["--resolution", "256"] if a.method != "retrinet" else []  # the paper's baselines: 256 px
         lock = ["--lock", a.lock] if a.lock else []
-        args = train.parse_args(["--preset", "sd15", "--method", a.method, "--weights", "random", "--data", str(data),
+        args = train.parse_args(["--preset", a.preset, "--method", a.method, "--weights", "random", "--data", str(data),
                                  "--out", tmp.name, "--precision", "fp16", "--checkpointing", *size, *lock])
         sd, model = build_random_sd15(args, device)
         amp, scaler = torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")

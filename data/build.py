@@ -1,7 +1,7 @@
 """RetriBooru construction pipeline (paper Supp. A.1, Algorithm 1; docs/design.md section 4).
 
     python -m data.build --metadata M --vqa V --cloth-tags C --masks DIR --boxes B --out OUT
-                         [--root R] [--truth T] [--drop-tags a,b,...] [--question Q]
+                         [--root R] [--truth T] [--drop-tags a,b,...] [--question Q] [--max-similar N]
 
 Steps:
   1. filter: drop images carrying an unwanted tag, images without exactly one character tag or
@@ -10,18 +10,31 @@ Steps:
      is missing, or without a VQA answer, a mask or a face box. Each dropped image is counted once,
      under the first reason (in the order of ``DROP_REASONS``).
   2. group the survivors by (character, artist);
-  3. inside a group, link two images when their VQA answers ("top two colours of the character's
-     clothes") match exactly after normalising case and whitespace; order matters, so
-     "red and white" != "white and red". Exact matching is transitive: the links form clusters;
-  4. keep the samples with >= 1 link (clusters of size >= 2); singletons are dropped ("no_link").
+  3. inside a group, images whose VQA answers ("top two colours of the character's clothes") match
+     exactly after normalising case and whitespace are candidate links; order matters, so
+     "red and white" != "white and red". Three rules then remove links, each counted in
+     ``stats["links"]["removed"]`` (a link is an unordered pair, counted under the first rule):
+     a. ``colourless_answer``: an answer that names no colour (no word of ``COLOUR_WORDS``: "yes",
+        "the character is smiling") links nothing;
+     b. ``near_duplicate``: two images whose perceptual hashes (``image_hash``, 128 bits) differ in at
+        most ``NEAR_DUPLICATE_DISTANCE`` bits are the same picture (a re-upload, a re-saved JPEG, a
+        slight crop or resize) and never each other's reference, whatever the answers say;
+     c. ``max_similar`` (``--max-similar N``, unlimited by default): links are kept in id order (by
+        the smaller id, then the larger) while both samples have fewer than N; a sample left with
+        none then links to its first partner with room, or takes over the last link of its first
+        full partner whose other end keeps one (``cap_links``).
+     The remaining links are symmetric; a "cluster" in the stats is a connected set of them;
+  4. keep the samples with >= 1 link; the others are dropped ("no_link").
 
 Writes ``OUT/annotations.jsonl`` (one RetriBooru sample per line, sorted by id; image and mask
 paths are relative to OUT and point at the original files, nothing is copied), ``OUT/stats.json``
 and three PIL-drawn bar charts ``OUT/stats_references.png``, ``OUT/stats_characters.png`` and
 ``OUT/stats_cloth_tags.png``. With ``truth`` (``{"id", "identity"}`` lines) the pair precision and
-recall of the "same cluster" relation over the kept samples are added to the stats.
+recall of the ``similar`` relation over the kept samples are added to the stats.
 
-Runtime dependencies: the standard library, numpy (unused here) and PIL only.
+Runtime dependencies: the standard library, numpy and PIL only. Only images that have a candidate
+link (after rule a) are opened, once each, to hash them; one that cannot be read is dropped as
+"no_image".
 """
 from __future__ import annotations
 
@@ -33,7 +46,8 @@ import sys
 from collections import Counter, defaultdict
 from itertools import combinations
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from common.jsonl import read_objects
 
@@ -55,12 +69,49 @@ DROP_REASONS = (
     "not_single_character",  # != 1 character tag, or a multi-character general tag
     "not_single_artist",   # != 1 artist tag (needed for the (character, artist) grouping)
     "no_cloth_tag",        # no general tag in the clothing vocabulary
-    "no_image",            # image file missing under root
+    "no_image",            # image file missing under root (or unreadable, when it is hashed)
     "no_vqa_answer",       # no (or empty) answer
     "no_mask",             # <masks>/<id>.png missing
     "no_face_box",         # no face box line
-    "no_link",             # survived the filters but no other image shares its answer
+    "no_link",             # survived the filters (and the hash) but kept no link (see LINK_RULES)
 )
+
+# Rules that remove candidate links (images of one (character, artist) with equal answers), in the
+# order they apply; stats["links"]["removed"] counts each removed pair under the first that applies.
+LINK_RULES = ("colourless_answer", "near_duplicate", "max_similar")
+
+# Words that name a colour in a VQA answer. An answer with none of them ("yes", "the character is
+# smiling", "i don't know") says nothing about the clothes, so two such equal answers link nothing.
+# It holds every clothing colour data.synthetic draws (CLOTH_COLORS, tested) and the colour words of
+# Danbooru's colour tags and common VQA answers; answers are split on anything but a-z, so
+# "light-blue" and "blue/white" name colours. Modifiers alone ("dark", "light") are not colours.
+COLOUR_WORDS = frozenset({
+    "red", "blue", "white", "black", "green", "yellow", "pink", "purple", "orange", "grey", "gray",
+    "brown", "aqua", "cyan", "teal", "turquoise", "navy", "indigo", "violet", "lavender", "magenta",
+    "maroon", "burgundy", "crimson", "scarlet", "beige", "tan", "khaki", "cream", "ivory", "gold",
+    "golden", "silver", "blonde", "blond", "olive", "lime", "mint", "peach", "coral", "salmon",
+    "amber", "bronze", "copper", "charcoal", "rose", "emerald",
+})
+
+# The perceptual hash (image_hash): HASH_GRID x HASH_GRID horizontal differences of a
+# (HASH_GRID + 1) x HASH_GRID grey thumbnail plus as many vertical ones of a HASH_GRID x
+# (HASH_GRID + 1) thumbnail, both resized with LANCZOS: 2 * 8 * 8 = 128 bits.
+HASH_GRID = 8
+HASH_BITS = 2 * HASH_GRID * HASH_GRID
+
+# Two images whose hashes differ in at most this many of the 128 bits are one picture, never each
+# other's reference. Measured on data.synthetic images (60 identities x 4 images at 64 px mixed,
+# 128 px mixed, 128 px flat and 64 px white backgrounds: 960 images, 1,440 same-identity pairs;
+# data/README.md has the numbers): a PNG re-save is 0 bits away, JPEG q75-q90 re-saves and 0.5x-1.5x
+# resizes at most 19; 2-3 % crops of one, two or four sides at most 31 (99th percentile 21), and
+# with a resize and a JPEG re-save after the crop 30 (99th percentile 24). Two different images of
+# one identity (another pose, position, scale, background) are at least 10 bits apart, 27 at the
+# 1st percentile. At 24 every re-save and resize is caught and 99.8 % of all the copies (the 36
+# misses of 21,120 are crops, 32 of them 3 % off two sides, that move a small figure across the
+# thumbnail grid), while 5 of the
+# 1,440 same-identity pairs (0.35 %: the same figure drawn at nearly the same place and pose) are
+# taken for copies; 22 would miss 0.5 % of the copies, 26 would take 1 % of the pairs.
+NEAR_DUPLICATE_DISTANCE = 24
 
 TOP_CHARACTERS = 15   # paper Fig. 2: top-15 characters
 TOP_CLOTH_TAGS = 30   # paper Fig. 2: top-30 cloth tags
@@ -98,6 +149,40 @@ def _key(id_):
 def normalize_answer(answer: str) -> str:
     """Case- and whitespace-normalised VQA answer (order and punctuation are kept)."""
     return " ".join(str(answer).lower().split())
+
+
+def names_colour(answer: str) -> bool:
+    """Whether a (normalised or raw) VQA answer names a colour (a word of ``COLOUR_WORDS``)."""
+    return any(w in COLOUR_WORDS for w in re.findall(r"[a-z]+", str(answer).lower()))
+
+
+def image_hash(image) -> int:
+    """128-bit difference hash of an image (a ``PIL.Image`` or a path), as an int.
+
+    The image is seen as the loader sees it (converted to RGB), then grey; bit i of the first 64 is
+    "this thumbnail pixel is brighter than its right neighbour" on a 9x8 LANCZOS thumbnail, of the
+    last 64 "brighter than the pixel below" on an 8x9 one. A re-save, a small resize or a slight
+    crop moves few bits; ``hash_distance`` counts them. A path that cannot be read raises OSError
+    (PIL's UnidentifiedImageError is one)."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            return image_hash(im.convert("RGB"))
+    grey = image.convert("RGB").convert("L")
+    n = HASH_GRID
+    across = np.asarray(grey.resize((n + 1, n), Image.Resampling.LANCZOS), dtype=np.int16)
+    down = np.asarray(grey.resize((n, n + 1), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = np.concatenate([(across[:, :-1] > across[:, 1:]).ravel(), (down[:-1, :] > down[1:, :]).ravel()])
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def hash_distance(a: int, b: int) -> int:
+    """Hamming distance between two ``image_hash`` values (0 ... HASH_BITS)."""
+    return bin(a ^ b).count("1")
+
+
+def is_near_duplicate(a: int, b: int) -> bool:
+    """The near-duplicate rule, shared by the build and the validator."""
+    return hash_distance(a, b) <= NEAR_DUPLICATE_DISTANCE
 
 
 def _is_multi_character(tag: str) -> bool:
@@ -173,14 +258,19 @@ def _load_cloth_tags(path):
 # ----------------------------------------------------------------------------------------- build
 
 def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
-          drop_tags=DEFAULT_DROP_TAGS, question=None, log=None) -> dict:
+          drop_tags=DEFAULT_DROP_TAGS, question=None, log=None, max_similar=None) -> dict:
     """Run the construction pipeline; write annotations.jsonl, stats.json and the charts to ``out``.
 
     ``root`` is the folder image paths in ``metadata`` are relative to (default: the parent of the
     metadata file's folder). ``question`` optionally selects VQA lines by their question (default:
-    every line counts; two different answers for one id are an error). ``log`` is an optional
-    ``callable(str)`` for progress messages (the CLI passes a stderr printer). Returns the stats.
+    every line counts; two different answers for one id are an error). ``max_similar`` caps every
+    ``similar`` list (None: no cap; see the module docstring for which links stay). ``log`` is an
+    optional ``callable(str)`` for progress messages (the CLI passes a stderr printer). Returns the
+    stats.
     """
+    if max_similar is not None and (isinstance(max_similar, bool) or not isinstance(max_similar, int)
+                                    or max_similar < 1):
+        raise BuildError(f"max_similar must be a positive integer or None, got {max_similar!r}")
     say = log or (lambda msg: None)
     metadata, vqa, cloth_tags = os.fspath(metadata), os.fspath(vqa), os.fspath(cloth_tags)
     masks, boxes, out = os.fspath(masks), os.fspath(boxes), os.fspath(out)
@@ -230,37 +320,75 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
         candidates.append((row, image_path, mask_path))
     say(f"{len(candidates)} images pass the filters")
 
-    # Group by (character, artist), then by normalised answer: equal answers form one cluster.
-    clusters = defaultdict(list)
+    # Group by (character, artist), then by normalised answer: equal answers are candidate links.
+    groups = defaultdict(list)
     for row, image_path, mask_path in candidates:
-        clusters[(row["character_tags"][0], row["artist_tags"][0], answers[_key(row["id"])])].append(
+        groups[(row["character_tags"][0], row["artist_tags"][0], answers[_key(row["id"])])].append(
             (row, image_path, mask_path))
 
-    out_abs = os.path.abspath(out)
-    samples, kept_clusters = [], []
-    for members in clusters.values():
+    removed = {rule: 0 for rule in LINK_RULES}
+    hashes, n_candidates, unreadable = {}, 0, 0
+    neighbours = defaultdict(list)          # id key -> linked id keys (symmetric)
+    entries = {}                            # id key -> (row, image_path, mask_path)
+    for (_, _, answer), members in groups.items():
+        for m in members:
+            entries[_key(m[0]["id"])] = m
         if len(members) < 2:
-            dropped["no_link"] += len(members)
             continue
-        ids = [m[0]["id"] for m in members]
-        kept_clusters.append(ids)
-        for row, image_path, mask_path in members:
-            general = row["general_tags"]
-            samples.append({
-                "id": row["id"],
-                "image": os.path.relpath(os.path.abspath(image_path), out_abs),
-                "mask": os.path.relpath(os.path.abspath(mask_path), out_abs),
-                "width": row["width"],
-                "height": row["height"],
-                "character": row["character_tags"][0],
-                "artist": row["artist_tags"][0],
-                "tags": list(general),
-                "cloth_tags": [t for t in general if t in cloth_vocab],
-                "prompt": ", ".join(t.replace("_", " ") for t in general),
-                "face_bbox": face_boxes[_key(row["id"])],
-                "similar": sorted((i for i in ids if _key(i) != _key(row["id"])), key=_sort_key),
-            })
+        if not names_colour(answer):
+            pairs = len(members) * (len(members) - 1) // 2
+            n_candidates += pairs
+            removed["colourless_answer"] += pairs
+            continue
+        readable = []
+        for m in members:
+            try:
+                hashes[_key(m[0]["id"])] = image_hash(m[1])
+                readable.append(m)
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+                say(f"cannot read {m[1]} ({e}); dropped as no_image")
+                dropped["no_image"] += 1
+                unreadable += 1
+                del entries[_key(m[0]["id"])]
+        readable.sort(key=lambda m: _sort_key(m[0]["id"]))
+        for a, b in combinations([_key(m[0]["id"]) for m in readable], 2):
+            n_candidates += 1
+            if is_near_duplicate(hashes[a], hashes[b]):
+                removed["near_duplicate"] += 1
+            else:
+                neighbours[a].append(b)
+                neighbours[b].append(a)
+    if max_similar is not None:
+        neighbours, removed["max_similar"] = cap_links(neighbours, max_similar, entries)
+    links = sorted({(a, b) if _sort_key(entries[a][0]["id"]) <= _sort_key(entries[b][0]["id"]) else (b, a)
+                    for a, nbrs in neighbours.items() for b in nbrs},
+                   key=lambda ab: (_sort_key(entries[ab[0]][0]["id"]), _sort_key(entries[ab[1]][0]["id"])))
+    say(f"{n_candidates} candidate links (equal answers); removed " +
+        ", ".join(f"{removed[r]} {r}" for r in LINK_RULES) + f"; {len(links)} kept")
+
+    out_abs = os.path.abspath(out)
+    samples = []
+    for k, (row, image_path, mask_path) in entries.items():
+        if not neighbours.get(k):
+            dropped["no_link"] += 1
+            continue
+        general = row["general_tags"]
+        samples.append({
+            "id": row["id"],
+            "image": os.path.relpath(os.path.abspath(image_path), out_abs),
+            "mask": os.path.relpath(os.path.abspath(mask_path), out_abs),
+            "width": row["width"],
+            "height": row["height"],
+            "character": row["character_tags"][0],
+            "artist": row["artist_tags"][0],
+            "tags": list(general),
+            "cloth_tags": [t for t in general if t in cloth_vocab],
+            "prompt": ", ".join(t.replace("_", " ") for t in general),
+            "face_bbox": face_boxes[k],
+            "similar": sorted((entries[j][0]["id"] for j in neighbours[k]), key=_sort_key),
+        })
     samples.sort(key=lambda s: _sort_key(s["id"]))
+    kept_clusters = _components(links)
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "annotations.jsonl"), "w", encoding="utf-8") as f:
@@ -274,16 +402,23 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
         "input_images": len(rows),
         "dropped": dropped,
         "dropped_total": sum(dropped.values()),
-        "passed_filters": len(candidates),
+        "passed_filters": len(candidates) - unreadable,
         "kept_samples": len(samples),
         "clusters": len(kept_clusters),
         "character_artist_groups": len({(s["character"], s["artist"]) for s in samples}),
+        "links": {
+            "candidates": n_candidates,
+            "removed": removed,
+            "kept": len(links),
+            "near_duplicate_distance": NEAR_DUPLICATE_DISTANCE,
+            "max_similar": max_similar,
+        },
         "references_histogram": {str(n): ref_hist[n] for n in sorted(ref_hist)},
         "top_characters": [[c, n] for c, n in _top(char_counts, TOP_CHARACTERS)],
         "top_cloth_tags": [[t, n] for t, n in _top(cloth_counts, TOP_CLOTH_TAGS)],
     }
     if identities is not None:
-        stats["truth"] = pair_precision_recall(kept_clusters, identities)
+        stats["truth"] = pair_precision_recall(links, [_key(x["id"]) for x in samples], identities)
 
     with open(os.path.join(out, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2, ensure_ascii=False)
@@ -309,23 +444,81 @@ def _top(counter, k):
     return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
-def pair_precision_recall(clusters, identities) -> dict:
-    """Pair precision / recall of "same cluster" vs "same ground-truth identity".
+def cap_links(neighbours, n, entries=None):
+    """Cap every sample's links at ``n``, keeping them symmetric; return (new neighbours, removed).
 
-    Over the kept samples that have a ground-truth identity (the others are counted in
-    ``missing_truth`` and take part in no pair). Predicted pairs: unordered pairs inside one
-    cluster; true pairs: unordered pairs of kept samples with equal identity. A ratio with a zero
-    denominator is reported as null.
+    ``neighbours`` maps an id key to its linked id keys (symmetric); ``entries`` (id key -> entry whose
+    first item is the metadata row) gives the ids to order by (default: the keys). Links are taken in
+    id order (by the smaller id, then the larger) while both ends have fewer than ``n``: in a clique
+    of m > n + 1 images the first n + 1 ids link to each other, the next n + 1 too, and so on. Then
+    each sample the cap left without a link (in id order) links to its first partner in id order
+    that has room or can hand over its last link whose other end keeps at least one. In a clique no
+    sample loses all its links to the cap unless ``n == 1`` and the clique is odd (its last sample
+    stays alone); in other graphs (near-duplicate links removed) a sample rarely can. Such samples
+    are dropped as no_link. ``removed`` counts the unordered links the cap removed."""
+    order = (lambda k: _sort_key(entries[k][0]["id"])) if entries is not None else _sort_key
+    nodes = sorted(neighbours, key=order)
+    rank = {k: i for i, k in enumerate(nodes)}
+    kept = {k: [] for k in nodes}
+    pairs = sorted({(min(rank[a], rank[b]), max(rank[a], rank[b])) for a in nodes for b in neighbours[a]})
+    for i, j in pairs:
+        a, b = nodes[i], nodes[j]
+        if len(kept[a]) < n and len(kept[b]) < n:
+            kept[a].append(b)
+            kept[b].append(a)
+    for x in nodes:
+        if kept[x] or not neighbours[x]:
+            continue
+        for p in sorted(neighbours[x], key=order):
+            if len(kept[p]) >= n:   # full: hand over its last link whose other end keeps one
+                q = next((q for q in reversed(kept[p]) if len(kept[q]) >= 2), None)
+                if q is None:
+                    continue
+                kept[p].remove(q)
+                kept[q].remove(p)
+            kept[p].append(x)
+            kept[x].append(p)
+            break
+    before = sum(len(v) for v in neighbours.values()) // 2
+    after = sum(len(v) for v in kept.values()) // 2
+    return {k: v for k, v in kept.items() if v}, before - after
+
+
+def _components(links):
+    """Connected sets (lists of id keys, each >= 2) of an undirected list of (a, b) links."""
+    parent = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in links:
+        parent[find(a)] = find(b)
+    groups = defaultdict(list)
+    for x in parent:
+        groups[find(x)].append(x)
+    return list(groups.values())
+
+
+def pair_precision_recall(links, samples, identities) -> dict:
+    """Pair precision / recall of the ``similar`` relation vs "same ground-truth identity".
+
+    ``links``: the kept (a, b) id-key pairs; ``samples``: the kept samples' id keys. Over the kept
+    samples that have a ground-truth identity (the others are counted in ``missing_truth`` and take
+    part in no pair). Predicted pairs: the links; true pairs: unordered pairs of kept samples with
+    equal identity (a near-duplicate pair or a pair over ``--max-similar`` is true but never
+    predicted). With no link removed by a rule the links are exactly the pairs inside each cluster.
+    A ratio with a zero denominator is reported as null.
     """
-    members = [[_key(i) for i in c] for c in clusters]
-    known = [[k for k in c if k in identities] for c in members]
-    missing = sum(len(c) for c in members) - sum(len(c) for c in known)
+    known = [k for k in samples if k in identities]
     predicted = tp = 0
-    for c in known:
-        for a, b in combinations(c, 2):
+    for a, b in links:
+        if a in identities and b in identities:
             predicted += 1
             tp += identities[a] == identities[b]
-    by_identity = Counter(identities[k] for c in known for k in c)
+    by_identity = Counter(identities[k] for k in known)
     true_pairs = sum(n * (n - 1) // 2 for n in by_identity.values())
     return {
         "precision": tp / predicted if predicted else None,
@@ -333,8 +526,8 @@ def pair_precision_recall(clusters, identities) -> dict:
         "true_positive_pairs": tp,
         "predicted_pairs": predicted,
         "true_pairs": true_pairs,
-        "evaluated_samples": sum(len(c) for c in known),
-        "missing_truth": missing,
+        "evaluated_samples": len(known),
+        "missing_truth": len(samples) - len(known),
     }
 
 
@@ -404,7 +597,12 @@ def main(argv=None) -> int:
                    help="comma-separated unwanted tags (default: %s)" % ",".join(DEFAULT_DROP_TAGS))
     p.add_argument("--question", default=None,
                    help="use only VQA lines asking this question (default: every line)")
+    p.add_argument("--max-similar", type=int, default=None, metavar="N",
+                   help="keep at most N references per sample, symmetric, the first in id order "
+                        "(default: no cap; the paper's histogram stops at 15)")
     args = p.parse_args(argv)
+    if args.max_similar is not None and args.max_similar < 1:
+        p.error(f"--max-similar must be >= 1, got {args.max_similar}")
     drop = (DEFAULT_DROP_TAGS if args.drop_tags is None
             else tuple(t.strip() for t in args.drop_tags.split(",") if t.strip()))
 
@@ -414,13 +612,16 @@ def main(argv=None) -> int:
     try:
         stats = build(args.metadata, args.vqa, args.cloth_tags, args.masks, args.boxes, args.out,
                       root=args.root, truth=args.truth, drop_tags=drop, question=args.question,
-                      log=log)
+                      log=log, max_similar=args.max_similar)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for reason, n in stats["dropped"].items():
         if n:
             log(f"dropped {n:6d}  {reason}")
+    for rule, n in stats["links"]["removed"].items():
+        if n:
+            log(f"removed {n:6d}  links: {rule}")
     if "truth" in stats:
         t = stats["truth"]
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"

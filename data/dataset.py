@@ -1,16 +1,25 @@
-"""The RetriBooru training loader (paper Sec. 5, Supp. A.4; docs/design.md section 4).
+"""The RetriBooru training loader (paper Sec. 3.1, Sec. 5, Supp. A.4; docs/design.md section 4).
 
 Per target it yields the image fitted into a `resolution` square and padded, its valid-area and
 face masks, its prompt (dropped to "" with probability `prompt_drop`), and K references with their
 concept texts:
 
-* setting "b" (default, leakage-free): references are other images of the same identity
-  (`similar`), never the target; missing ones are masked out, or repeated with `ref_repeat`;
-* setting "a" (the leaky baseline): the references are the target itself under independent
-  augmentations (flip, crop, brightness);
-* task "recon": whole references, concept "figure"; "compose": each reference independently the
-  face-box crop ("face") or the region below the face box ("clothes"), or the whole image as
-  "figure" when the face box reaches the bottom edge; "multi": recon or compose per batch, chosen by
+* setting "b" (default, leakage-free): the target is the image as it is; references are other
+  images of the same identity (`similar`), never the target; missing ones are masked out, or
+  repeated with `ref_repeat`;
+* setting "a" (the leaky baseline, Sec. 3.1: "two different transforms [of] the same image as
+  target and reference"): the target and each of the K references are independent views of the
+  image, each its own horizontal flip, crop keeping 70-100% of each side (placed so that the face
+  box stays whole) and brightness x0.8-1.2 (data.transforms: `draw_augment` draws them from the
+  sample's generator, `augment` applies them to the image, its segmentation mask and its face box
+  in one call, before `fit_and_pad`). The target's valid-area and face masks are those of its view;
+  a reference's compose crop uses its view's face box; with ref_background "white" a reference is
+  whitened through its view's mask;
+* task "recon": whole references, concept "figure". "compose" (Sec. 5, Supp. A.4): each reference
+  independently, with equal odds, the face-box crop ("face") or the full-width region below the face
+  box ("clothes"); a clothes draw is the whole image, captioned "figure", when the face box is
+  taller than half the image (a close-up) or leaves less below it than its own height (an
+  upside-down figure), see FACE_MAJORITY. "multi": recon or compose per batch, chosen by
   `TaskBatchSampler`.
 
 The records come from data.annotations: a missing file, a line that is not a JSON object or a
@@ -28,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .annotations import load_records
-from .transforms import box_mask, fit_and_pad
+from .transforms import augment_pil, box_mask, draw_augment, fit_and_pad
 
 log = logging.getLogger(__name__)
 SETTINGS, TASKS = ("a", "b"), ("recon", "compose", "multi")
@@ -102,27 +111,35 @@ class RetriBooruDataset(Dataset):
     def _sample(self, rec, rng, task) -> dict:
         image = self._open(rec)
         _check_box(rec, image)
-        pixels, valid = fit_and_pad(image, self.resolution)
-        face = box_mask(rec["face_bbox"], image.width, image.height, self.resolution)
+        if self.setting == "a":  # the target is a view too: its own flip, crop and brightness
+            target, target_box = _view(rng, image, rec["face_bbox"])
+        else:
+            target, target_box = image, rec["face_bbox"]
+        pixels, valid = fit_and_pad(target, self.resolution)
+        face = box_mask(target_box, target.width, target.height, self.resolution)
         prompt = "" if rng.random() < self.prompt_drop else rec["prompt"]
 
         if self.setting == "a":
-            sources = [(rec, _augment(self._reference(rec, image), rng)) for _ in range(self.k)]
+            figure = _load_mask(self.root / rec["mask"], image) if self.ref_background == "white" else None
+            sources = [(rec, *_view(rng, image, rec["face_bbox"], figure)) for _ in range(self.k)]
         else:
             pool = [s for s in rec["similar"] if s != rec["id"] and s in self.by_id]
             if not pool:
                 raise ValueError("no usable similar ids")
             n = self.k if self.ref_repeat else min(self.k, len(pool))
             chosen = rng.choice(len(pool), size=n, replace=self.ref_repeat and len(pool) < self.k)
-            sources = [(self.by_id[pool[i]], None) for i in chosen]
+            sources = [(self.by_id[pool[i]], None, None) for i in chosen]
         refs = torch.full((self.k, 3, self.ref_resolution, self.ref_resolution), 1.0)  # masked slots: white
         ref_mask = torch.zeros(self.k, dtype=torch.bool)
         concepts, ref_ids = ["figure"] * self.k, [""] * self.k
-        for j, (ref_rec, ref_image) in enumerate(sources):
+        for j, (ref_rec, ref_image, ref_box) in enumerate(sources):
             ref_ids[j] = ref_rec["id"]
-            ref_image = ref_image if ref_image is not None else self._reference(ref_rec)
+            if ref_image is None:  # setting b: another image of the identity, its own face box
+                ref_image, ref_box = self._reference(ref_rec), ref_rec["face_bbox"]
+                if task == "compose":
+                    _check_box(ref_rec, ref_image)
             if task == "compose":
-                ref_image, concepts[j] = _concept_crop(ref_rec, ref_image, rng)
+                ref_image, concepts[j] = _concept_crop(ref_image, ref_box, rng)
             refs[j] = fit_and_pad(ref_image, self.ref_resolution)[0]
             ref_mask[j] = True
         return {"id": rec["id"], "image": pixels, "valid": valid, "face": face, "prompt": prompt, "refs": refs,
@@ -132,11 +149,20 @@ class RetriBooruDataset(Dataset):
 def figure_on_white(image: Image.Image, mask_path: str | Path) -> Image.Image:
     """The figure of `image` on white: its segmentation mask (an L image of the same size, 255 =
     figure; Supp. A.1) blends the picture over a white background."""
+    return _on_white(image, _load_mask(mask_path, image))
+
+
+def _on_white(image: Image.Image, mask: Image.Image) -> Image.Image:
+    return Image.composite(image, Image.new("RGB", image.size, "white"), mask)
+
+
+def _load_mask(mask_path: str | Path, image: Image.Image) -> Image.Image:
+    """The segmentation mask of `image` as an L image; ValueError unless it has the image's size."""
     with Image.open(mask_path) as m:
         mask = m.convert("L")
     if mask.size != image.size:
         raise ValueError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]}, its image {image.width}x{image.height}")
-    return Image.composite(image, Image.new("RGB", image.size, "white"), mask)
+    return mask
 
 
 def _check_box(rec, image) -> None:
@@ -145,27 +171,36 @@ def _check_box(rec, image) -> None:
         raise ValueError(f"face_bbox {rec['face_bbox']} does not fit the {image.width}x{image.height} image")
 
 
-def _concept_crop(rec, image, rng) -> tuple[Image.Image, str]:
-    """The face-box crop ("face") or everything below the face box ("clothes"), equal odds; the
-    whole image ("figure") when the box reaches the bottom edge (nothing below it)."""
-    _check_box(rec, image)
-    x0, y0, x1, y1 = rec["face_bbox"]
-    if y1 >= image.height:
-        return image, "figure"
+def _view(rng, image: Image.Image, box, figure: Image.Image | None = None) -> tuple[Image.Image, list[int]]:
+    """One view of setting a: `image` under its own flip, crop and brightness drawn from `rng`, with
+    its face box `box` moved along (data.transforms). With the segmentation mask `figure`, the view's
+    figure is put on white through the view's mask, after the transform, so that the background is
+    white as in setting b whatever the brightness."""
+    view, view_box, view_figure = augment_pil(draw_augment(rng, image.width, image.height, box), image, box, figure)
+    return (view if view_figure is None else _on_white(view, view_figure)), view_box
+
+
+# A clothes draw falls back to the whole image ("figure") when the face box is taller than this
+# fraction of the image. Sec. 5 says "the face bounding box occupies the majority of the image" and
+# Supp. A.4 states the condition on the box's lower horizontal border, the line where the clothes
+# crop is cut: what the face takes from a clothes crop is height, so "majority" is read as more than
+# half of the image's height. An area reading would let tall, narrower close-up boxes (say 80% of
+# the height, 50% of the width: 40% of the area) through as thin strips captioned "clothes".
+FACE_MAJORITY = 0.5
+
+
+def _concept_crop(image: Image.Image, box, rng) -> tuple[Image.Image, str]:
+    """Compose task (Sec. 5, Supp. A.4): with equal odds the face-box crop ("face") or the full-width
+    region below the box's lower edge ("clothes"). A clothes draw is the whole image ("figure")
+    instead when the box is taller than FACE_MAJORITY of the image (a close-up) or leaves less
+    below it than its own height (an upside-down figure: its body is above the face, and below it
+    there is at most a strip of hair or ground). `box` is [x0, y0, x1, y1] in `image`'s pixels."""
+    x0, y0, x1, y1 = box
     if rng.random() < 0.5:
         return image.crop((x0, y0, x1, y1)), "face"
+    if y1 - y0 > FACE_MAJORITY * image.height or image.height - y1 < y1 - y0:
+        return image, "figure"
     return image.crop((0, y1, image.width, image.height)), "clothes"
-
-
-def _augment(image: Image.Image, rng) -> Image.Image:
-    """Setting a's independent augmentation: flip, a crop keeping 70-100% of each side, brightness."""
-    if rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    w, h = image.size
-    cw, ch = max(1, round(w * rng.uniform(0.7, 1.0))), max(1, round(h * rng.uniform(0.7, 1.0)))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    image = image.crop((left, top, left + cw, top + ch))
-    return ImageEnhance.Brightness(image).enhance(rng.uniform(0.8, 1.2))
 
 
 def collate(samples: list[dict | None]) -> dict:

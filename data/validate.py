@@ -4,7 +4,10 @@ Reports every problem with its sample id (or line number for lines that are not 
 that are not JSON objects and missing or mistyped fields (data.annotations.read_annotations, which
 reads the file), duplicate ids, missing / unreadable image or mask files, size mismatches, empty
 face boxes or boxes outside the image, `similar` ids that do not exist or point to the sample
-itself, asymmetric `similar` lists. Exit status 0 only for a clean dataset.
+itself, asymmetric `similar` lists, and `similar` links between near-duplicate images (the same
+picture re-saved, resized or slightly cropped: data.build's perceptual hash and threshold,
+`image_hash` and `NEAR_DUPLICATE_DISTANCE`), one problem per pair naming both ids and the distance.
+Exit status 0 only for a clean dataset.
 """
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ from pathlib import Path
 from PIL import Image
 
 from .annotations import read_annotations
+from .build import NEAR_DUPLICATE_DISTANCE, hash_distance, image_hash, is_near_duplicate
 
 
-def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int], problems: list[str]) -> None:
+def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int], problems: list[str]) -> bool:
+    """Append the file's problems; True when it could be read (whatever its size)."""
     path = root / rel
     if not path.is_file():
         problems.append(f"{who}: {what} {rel} is missing")
-        return
+        return False
     try:
         with Image.open(path) as im:
             im.verify()
@@ -29,13 +34,49 @@ def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int]
             actual = im.size
     except Exception as e:  # PIL raises many types for broken files
         problems.append(f"{who}: {what} {rel} is unreadable ({type(e).__name__})")
-        return
+        return False
     if actual != size:
         problems.append(f"{who}: {what} {rel} is {actual[0]}x{actual[1]}, annotation says {size[0]}x{size[1]}")
+    return True
+
+
+def _near_duplicate_links(root: Path, records, readable: set, problems: list[str]) -> None:
+    """One problem per `similar` pair whose images are near-duplicates (either direction listing the
+    other counts once; pairs in file order). Images that are missing or unreadable (already
+    reported) are skipped; each image is hashed once."""
+    first = {}
+    for _, rec in records:
+        first.setdefault(rec["id"], rec)
+    hashes: dict[str, int | None] = {}
+
+    def hash_of(rec):
+        rel = rec["image"]
+        if rel not in hashes:
+            try:
+                hashes[rel] = image_hash(root / rel) if rel in readable else None
+            except Exception:  # verify() passed but decoding failed: not this check's problem
+                hashes[rel] = None
+        return hashes[rel]
+
+    seen = set()
+    for _, rec in records:
+        for other in rec["similar"]:
+            pair = frozenset((rec["id"], other))
+            if other == rec["id"] or other not in first or pair in seen:
+                continue
+            seen.add(pair)
+            a, b = hash_of(first[rec["id"]]), hash_of(first[other])
+            if a is not None and b is not None and is_near_duplicate(a, b):
+                problems.append(f"samples {rec['id']} and {other}: similar links near-duplicate images "
+                                f"({first[rec['id']]['image']}, {first[other]['image']}: hash distance "
+                                f"{hash_distance(a, b)} <= {NEAR_DUPLICATE_DISTANCE})")
 
 
 def validate(root: str | Path, check_files: bool = True) -> list[str]:
-    """Every problem found in the RetriBooru root, each naming its sample id or line."""
+    """Every problem found in the RetriBooru root, each naming its sample id or line.
+
+    ``check_files=False`` skips everything that opens files: the image and mask checks and the
+    near-duplicate check."""
     root = Path(root)
     problems: list[str] = []
     records = read_annotations(root, problems)
@@ -46,11 +87,13 @@ def validate(root: str | Path, check_files: bool = True) -> list[str]:
         else:
             ids[rec["id"]] = n
     similar = {rec["id"]: set(rec["similar"]) for _, rec in records}
+    readable = set()
     for n, rec in records:
         who = f"sample {rec['id']}"
         size = (rec["width"], rec["height"])
         if check_files:
-            _check_file(root, rec["image"], "image", who, size, problems)
+            if _check_file(root, rec["image"], "image", who, size, problems):
+                readable.add(rec["image"])
             _check_file(root, rec["mask"], "mask", who, size, problems)
         box = rec["face_bbox"]
         if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
@@ -70,6 +113,8 @@ def validate(root: str | Path, check_files: bool = True) -> list[str]:
                 problems.append(f"{who}: similar id {other} does not exist")
             elif rec["id"] not in similar[other]:
                 problems.append(f"{who}: similar id {other} does not list {rec['id']} back")
+    if check_files:
+        _near_duplicate_links(root, records, readable, problems)
     return problems
 
 

@@ -101,7 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.0, help="paper: 7")
     ap.add_argument("--ref-guidance", type=float, default=None)
-    ap.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter's image attention weight (paper: 0.5)")
+    ap.add_argument("--ip-scale", type=float, default=None,
+                    help="IP-Adapter's image attention weight (default for IP-Adapter checkpoints: 0.5, the paper's "
+                         "Tab. 3.1)")
     ap.add_argument("--image-encoder", default=None, help="IP-Adapter: CLIP vision weights, as sample.py")
     ap.add_argument("--sampler", default="pndm")
     ap.add_argument("--negative-prompt", default="")
@@ -145,6 +147,8 @@ def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
                                            ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config,
                                            ip_scale=args.ip_scale, image_encoder=args.image_encoder)
         args.mode = args.mode or method
+        if args.mode == "ip-adapter" and args.ip_scale is None:
+            args.ip_scale = 0.5  # the paper evaluates IP-Adapter-0.5-a / -b (Sec. 3.1)
         problems += [p if i == 0 else f"{c['where']}: {p}" for p in found
                      if p not in problems and f"{c['where']}: {p}" not in problems]
     return problems

@@ -176,6 +176,8 @@ class SavedModel:
         if config is None:  # older files
             config = {"heads": raw.get("heads") or 8, "null_reference": raw.get("null_reference", False)} \
                 if method == "retrinet" else {}
+        if method == "retrinet":  # a RetriNet file that does not name its norm was trained with GroupNorm
+            config = {"norm": "group", **config}
         return cls(method, config, raw["lock"], raw.get("train_base", False), raw["unet_config"])
 
 

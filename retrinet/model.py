@@ -30,21 +30,31 @@ from unet.model import zero_
 from .base import ReferenceUNet
 
 
+NORMS = ("layer", "group")  # how both sides of a reference cross-attention are normalised
+
+
 class ReferenceCrossAttention(nn.Module):
     """Queries from the U-Net's feature at one site, keys/values from E's features of every
-    reference at the same site (Sec. 5.1). Both sides are group-normalised; multi-head; the one
-    attention function with a key-padding mask for absent references."""
+    reference at the same site (Sec. 5.1). Both sides are reshaped to tokens and layer-normalised
+    over channels (Supp. A.4: "with proper reshaping and layer normalization"); multi-head; the one
+    attention function with a key-padding mask for absent references. `norm="group"` (GroupNorm over
+    the feature map) is how checkpoints written before 2026-12-01 were trained; they keep it."""
 
-    def __init__(self, channels: int, heads: int, null_reference: bool = False, groups: int = 32):
+    def __init__(self, channels: int, heads: int, null_reference: bool = False, norm: str = "layer",
+                 groups: int = 32):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by {heads} heads")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.heads = heads
         # The learned null reference (docs/design.md section 5, `ref_drop`): one normalised key/value
         # token that replaces all references of a sample whose references were dropped.
         self.null = nn.Parameter(torch.randn(channels) * channels ** -0.5) if null_reference else None
-        self.norm_q = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.norm_kv = nn.GroupNorm(groups, channels, eps=1e-6)
+
+        def make():
+            return nn.LayerNorm(channels) if norm == "layer" else nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm_q, self.norm_kv = make(), make()
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_k = nn.Linear(channels, channels, bias=False)
         self.to_v = nn.Linear(channels, channels, bias=False)
@@ -56,12 +66,12 @@ class ReferenceCrossAttention(nn.Module):
         different sizes; ref_mask (B, K) bool, True = real reference; ref_drop (B,) bool, True = use
         the null reference instead of this sample's references -> (B, C, H, W)."""
         b, c, hh, _ = h.shape
-        q = rearrange(self.norm_q(h), "b c h w -> b (h w) c")
+        q = _normed_tokens(self.norm_q, h)                                    # (B, HW, C)
         if isinstance(f, torch.Tensor):  # K references of one size: one norm call for all
-            kv = rearrange(self.norm_kv(f.flatten(0, 1)), "(b k) c h w -> b (k h w) c", b=b)
+            kv = rearrange(_normed_tokens(self.norm_kv, f.flatten(0, 1)), "(b k) n c -> b (k n) c", b=b)
             counts = [f.shape[-2] * f.shape[-1]] * f.shape[1]
         else:
-            kv = torch.cat([rearrange(self.norm_kv(fk), "b c h w -> b (h w) c") for fk in f], dim=1)
+            kv = torch.cat([_normed_tokens(self.norm_kv, fk) for fk in f], dim=1)
             counts = [fk.shape[-2] * fk.shape[-1] for fk in f]
         # kv: every token of the K references as one set (B, sum of h_k w_k, C)
         mask = None
@@ -81,15 +91,22 @@ class ReferenceCrossAttention(nn.Module):
         return rearrange(out, "b (h w) c -> b c h w", h=hh)
 
 
+def _normed_tokens(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> normalised tokens (B, HW, C): LayerNorm on the tokens, GroupNorm on the map."""
+    if isinstance(norm, nn.GroupNorm):
+        return rearrange(norm(x), "b c h w -> b (h w) c")
+    return norm(rearrange(x, "b c h w -> b (h w) c"))
+
+
 class RetriNet(nn.Module):
     """E plus the 13 cross-attention layers and zero convs. Keys: `encoder.*` (E, named as SD's
     encoder half), `cross_attn.{0..12}.*`, `zero_convs.{0..12}.*` (site 12 = the middle block)."""
 
-    def __init__(self, unet_cfg: UNetConfig, heads: int = 8, null_reference: bool = False):
+    def __init__(self, unet_cfg: UNetConfig, heads: int = 8, null_reference: bool = False, norm: str = "layer"):
         super().__init__()
         self.encoder = UNetEncoder(unet_cfg)
         sites = self.encoder.skip_channels + [self.encoder.middle_channels]
-        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference, unet_cfg.norm_groups)
+        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference, norm, unet_cfg.norm_groups)
                                         for c in sites)
         self.null_reference = null_reference
         self.zero_convs = nn.ModuleList(zero_(nn.Conv2d(c, c, 1)) for c in sites)
@@ -140,6 +157,7 @@ class RetriNet(nn.Module):
 class RetriNetConfig:
     heads: int = 8                 # attention heads of the 13 reference cross-attention layers
     null_reference: bool = False   # a learned null reference (trained with reference dropout)
+    norm: str = "layer"            # "group" in checkpoints written before 2026-12-01
 
 
 class RetriUNet(ReferenceUNet):
@@ -154,10 +172,10 @@ class RetriUNet(ReferenceUNet):
     method, title, prefix, config_class = "retrinet", "RetriNet", "retrinet.", RetriNetConfig
 
     def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", null_reference: bool = False,
-                 train_base: bool = False):
-        super().__init__(unet, RetriNetConfig(heads, null_reference))
+                 train_base: bool = False, norm: str = "layer"):
+        super().__init__(unet, RetriNetConfig(heads, null_reference, norm))
         p = next(unet.parameters())
-        self.retrinet = RetriNet(unet.config, heads, null_reference).to(p.device, p.dtype)
+        self.retrinet = RetriNet(unet.config, heads, null_reference, norm).to(p.device, p.dtype)
         self._init_encoder_from_unet(self.retrinet.encoder)
         self.set_lock(lock, train_base)
 

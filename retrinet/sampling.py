@@ -8,7 +8,8 @@ command line makes before it builds any model.
 Each conditioning model turns its references into a denoiser `(x, t, context) -> eps`
 (`model.denoiser`): RetriNet fits, pads and VAE-encodes them once and runs E once per step for the
 whole guidance batch; the ControlNet uses its one reference as the hint. `guidance` drops the text and
-keeps the references (the paper's recipe drops only text). `ref_guidance` (a RetriNet with a null
+keeps the references (as training drops only the text: the paper says nothing about guidance
+with references). `ref_guidance` (a RetriNet with a null
 reference, trained with reference dropout) guides references and text separately
 (docs/design.md section 5).
 """

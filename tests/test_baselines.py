@@ -87,18 +87,29 @@ def test_options_that_do_not_apply_are_refused(data, tmp_path, capsys):
     assert "--method ip-adapter with --preset sd15 needs --image-encoder" in err
 
 
-def test_sample_refuses_options_of_other_methods(data, tmp_path):
-    """sample.py names what does not fit the checkpoint's method before it builds anything."""
+@pytest.fixture(scope="module")
+def one_step_runs(data, tmp_path_factory):  # noqa: F811
+    """{method: a tiny run folder with a one-step checkpoint}."""
+    root = tmp_path_factory.mktemp("one-step")
     for method in METHODS + ["retrinet"]:
-        assert _train(data, tmp_path / method, method, "--max-steps", 1, "--save-every", 1) == 0
+        assert _train(data, root / method, method, "--max-steps", 1, "--save-every", 1) == 0
+    return {m: root / m for m in METHODS + ["retrinet"]}
+
+
+def _checkpoint(run_dir):
+    return run_dir / "checkpoints" / "step-000001" / "retrinet.safetensors"
+
+
+def test_sample_refuses_options_of_other_methods(data, tmp_path, one_step_runs):  # noqa: F811
+    """sample.py names what does not fit the checkpoint's method before it builds anything."""
     refs = sorted((data / "images").iterdir())[:2]
 
     def sample(method, *extra):
-        out = tmp_path / method
+        out = one_step_runs[method]
         return run_sample("--weights", out / "base.safetensors", "--config", out / "base-config.json", "--retrinet",
-                          out / "checkpoints" / "step-000001" / "retrinet.safetensors", "--prompt", "", "--height",
-                          16, "--width", 16, "--device", "cpu", "--out", tmp_path / "s", *extra)
-    encoder = ["--image-encoder", tmp_path / "ip-adapter" / "image-encoder"]
+                          _checkpoint(out), "--prompt", "", "--height", 16, "--width", 16, "--device", "cpu",
+                          "--out", tmp_path / "s", *extra)
+    encoder = ["--image-encoder", one_step_runs["ip-adapter"] / "image-encoder"]
     cases = [("retrinet", ["--refs", refs[0], "--ip-scale", "0.5"], "--ip-scale applies to IP-Adapter checkpoints"),
              ("retrinet", ["--refs", refs[0], *encoder], "--image-encoder applies to IP-Adapter checkpoints"),
              ("ip-adapter", ["--refs", refs[0]], "is an IP-Adapter: it needs --image-encoder"),
@@ -110,6 +121,26 @@ def test_sample_refuses_options_of_other_methods(data, tmp_path):
         r = sample(method, *extra)
         assert r.returncode == 2 and message in r.stderr, (method, extra, r.stderr)
         assert "loaded" not in r.stderr
+
+
+def test_the_evaluation_protocol_runs_every_method(data, tmp_path, one_step_runs, capsys):  # noqa: F811
+    """Every method through python -m eval.protocol; an IP-Adapter at the paper's scale 0.5 by default."""
+    from eval import protocol
+    from eval.manifest import read_manifest
+    ref = next((data / "images").iterdir())
+    (tmp_path / "characters.jsonl").write_text(json.dumps({"id": "c1", "refs": [str(ref)]}) + "\n")
+    (tmp_path / "prompts.txt").write_text("1girl\n")
+    for method, run_dir in one_step_runs.items():
+        extra = ["--image-encoder", str(run_dir / "image-encoder")] if method == "ip-adapter" else []
+        out = tmp_path / "gens" / method
+        argv = ["--characters", str(tmp_path / "characters.jsonl"), "--prompts", str(tmp_path / "prompts.txt"),
+                "--seeds", "1", "--per-seed", "1", "--weights", str(run_dir / "base.safetensors"), "--config",
+                str(run_dir / "base-config.json"), "--retrinet", str(_checkpoint(run_dir)), "--out", str(out),
+                "--size", "16", "--ref-size", "16", "--steps", "2", "--sampler", "ddim", "--device", "cpu", *extra]
+        assert protocol.main(argv) == 0, capsys.readouterr().err
+        (gen,) = read_manifest(out / "manifest.jsonl")
+        params = json.loads(Image.open(gen.image).text["parameters"])
+        assert params["mode"] == method and params.get("ip_scale") == (0.5 if method == "ip-adapter" else None)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -143,3 +174,19 @@ def test_sd15_preset_trains_only_the_baseline_then_samples(data, tmp_path, small
                    "--device", "cpu", "--out", tmp_path / "samples", *extra)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def test_method_and_preset_defaults():
+    """What each method and preset fill in where the command line is silent."""
+    def parse(*argv):
+        return train.parse_args(["--data", "d", "--out", "o", *argv])
+    a = parse("--preset", "sd15-256", "--method", "controlnet")  # the paper's baselines (Supp. A.3)
+    assert (a.resolution, a.ref_resolution, a.precision, a.lock, a.refs, a.prompt_drop, a.face_weight) == (
+        256, 256, "fp16", "decoder", 1, 0.5, 0.0)  # Sec. 3.1: no face loss for the baselines
+    a = parse("--preset", "sd15", "--method", "ip-adapter")
+    assert (a.resolution, a.precision, a.lock, a.refs, a.prompt_drop) == (384, "fp32", "decoder", 1, 0.0)
+    a = parse("--preset", "sd15")
+    assert (a.resolution, a.precision, a.lock, a.refs, a.prompt_drop, a.face_weight) == (384, "fp32", "none", 2, 0.5,
+                                                                                        0.1)
+    a = parse("--preset", "tiny", "--method", "controlnet", "--p-drop", "0.25")
+    assert (a.resolution, a.ref_resolution, a.lock, a.prompt_drop) == (24, 24, "none", 0.25)

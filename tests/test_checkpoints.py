@@ -46,8 +46,9 @@ def test_our_retrinet_file(tmp_path):
 
 
 def test_files_from_before_the_config_field_still_load(tmp_path):
-    """Earlier files name the method "mode" and keep heads / null_reference at the top level."""
-    model = RetriUNet(_unet(), heads=2, null_reference=True)
+    """Earlier files name the method "mode", keep heads / null_reference at the top level, and were
+    trained with GroupNorm in the reference attention (they do not name their norm)."""
+    model = RetriUNet(_unet(), heads=2, null_reference=True, norm="group")
     randomize_(model.retrinet, seed=4)
     model.save(tmp_path / "new.safetensors")
     with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
@@ -57,7 +58,7 @@ def test_files_from_before_the_config_field_still_load(tmp_path):
            "null_reference": True, "train_base": False}
     save_file(state, str(tmp_path / "old.safetensors"), metadata={**meta, "retrinet": json.dumps(old)})
     info = inspect_checkpoint(tmp_path / "old.safetensors")
-    assert (info.method, info.config) == ("retrinet", RetriNetConfig(heads=2, null_reference=True))
+    assert (info.method, info.config) == ("retrinet", RetriNetConfig(heads=2, null_reference=True, norm="group"))
     loaded = RetriUNet.load(tmp_path / "old.safetensors", _unet()).eval()
     x, t, ctx, refs, ref_ctx = _inputs()
     with torch.no_grad():

@@ -44,13 +44,13 @@ def test_untrained_retrinet_reproduces_sd_exactly():
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in own.items())
     # one site per skip plus the middle block (13 for SD v1.5; this config has 6 skips)
     assert len(model.retrinet.cross_attn) == len(model.retrinet.zero_convs) == len(unet.output_blocks) + 1 == 7
-    assert [c.norm_q.num_channels for c in model.retrinet.cross_attn] == [32, 32, 32, 64, 64, 64, 64]
+    assert [c.norm_q.normalized_shape[0] for c in model.retrinet.cross_attn] == [32, 32, 32, 64, 64, 64, 64]
 
 
 def test_sd15_sites():
     with torch.device("meta"):
         model = RetriUNet(UNet(UNetConfig.sd15()))
-    channels = [c.norm_q.num_channels for c in model.retrinet.cross_attn]
+    channels = [c.norm_q.normalized_shape[0] for c in model.retrinet.cross_attn]
     assert channels == [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280]
 
 
@@ -203,17 +203,18 @@ def test_references_of_mixed_sizes():
 
 
 def test_norm_groups_reach_the_cross_attention_and_old_files_still_load(tmp_path):
-    """`norm_groups` sets every GroupNorm of the base and of RetriNet; a checkpoint written before
-    the field existed (no `norm_groups` in its metadata) means LDM's 32 and loads."""
+    """`norm_groups` sets every GroupNorm of the base and, with norm "group", of RetriNet's reference
+    attention; a checkpoint written before the field existed (no `norm_groups` in its metadata)
+    means LDM's 32 and loads."""
     import dataclasses
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
     cfg8 = dataclasses.replace(CFG, norm_groups=8)
-    model = _trained_like(RetriUNet(randomize_(UNet(cfg8).eval(), seed=0)))
+    model = _trained_like(RetriUNet(randomize_(UNet(cfg8).eval(), seed=0), norm="group"))
     groups = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
-    assert groups == {8}
+    assert groups == {8} and all(isinstance(c.norm_kv, torch.nn.GroupNorm) for c in model.retrinet.cross_attn)
     model.save(tmp_path / "g8.safetensors")
     with pytest.raises(CheckpointError, match=r"another base U-Net; .*norm_groups.*\(8, 32\)"):
         RetriUNet.load(tmp_path / "g8.safetensors", _unet())
@@ -228,3 +229,23 @@ def test_norm_groups_reach_the_cross_attention_and_old_files_still_load(tmp_path
     with torch.no_grad():
         assert torch.equal(RetriUNet.load(tmp_path / "old.safetensors", _unet()).eval()(x, t, ctx, refs, ref_ctx),
                            old.eval()(x, t, ctx, refs, ref_ctx))
+
+
+def test_reference_attention_is_layer_normalised_per_token():
+    """Supp. A.4: both sides are reshaped to tokens and layer-normalised over channels, so rescaling
+    and shifting any one token's channels (positive scale) leaves the attention's output unchanged;
+    GroupNorm over the map (the norm of older checkpoints) does not have this property."""
+    from retrinet import ReferenceCrossAttention
+    g = torch.Generator().manual_seed(3)
+    h, f = torch.randn(2, 32, 5, 7, generator=g), torch.randn(2, 3, 32, 4, 6, generator=g)
+    scale_h, shift_h = torch.rand(2, 1, 5, 7, generator=g) + 0.5, torch.randn(2, 1, 5, 7, generator=g)
+    scale_f, shift_f = torch.rand(2, 3, 1, 4, 6, generator=g) + 0.5, torch.randn(2, 3, 1, 4, 6, generator=g)
+    for norm, invariant in [("layer", True), ("group", False)]:
+        attn = randomize_(ReferenceCrossAttention(32, 4, norm=norm, groups=4), seed=4)
+        with torch.no_grad():
+            out = attn(h, f)
+            moved = attn(h * scale_h + shift_h, f * scale_f + shift_f)
+        assert (rel_err(moved, out) <= 1e-4) == invariant, (norm, rel_err(moved, out))  # LayerNorm eps: ~1e-5
+    assert isinstance(ReferenceCrossAttention(32, 4).norm_q, torch.nn.LayerNorm)  # the default
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ReferenceCrossAttention(32, 4, norm="batch")
