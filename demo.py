@@ -15,11 +15,17 @@
    (eval.identity_score), against chance = the same score against a mismatched identity.
 4. Writes report.md / report.json, the held-out sample grid, the training log, checkpoints and
    validation grids into --out, and prints its path.
+
+SIGTERM or Ctrl-C (SIGINT) during training is passed on to train.py, which saves a checkpoint at
+its next step and stops; the demo then stops too, without sampling or a report, with status 128 +
+the signal's number (143, 130). Running the same command again resumes training from that
+checkpoint (--resume is passed whenever run/checkpoints exists), then samples and reports.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -166,8 +172,68 @@ def heldout_grid(heldout: list, images: list, per: int, cell: int = 72, ref_back
     return grid
 
 
+class Stop:
+    """SIGTERM / SIGINT during the demo. While train.py runs (in its own process group, so that a
+    Ctrl-C at the terminal reaches this process alone), the signal is forwarded to it once per
+    signal received: train.py saves a checkpoint at its next step boundary and exits (a second signal
+    stops it at once, as train.py's own rule), and the demo then stops without sampling, with status
+    128 + the signal number. At any other time the demo stops at once (`Stopped`), same status."""
+
+    def __init__(self):
+        self.signal, self.child, self.phase = None, None, "before training"
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name
+
+    def __call__(self, signum, frame):
+        first = self.signal is None
+        self.signal = self.signal or signum
+        if self.child is not None and self.child.poll() is None:
+            if first:
+                print(f"demo: {signal.Signals(signum).name} received; train.py saves at its next step and stops",
+                      file=sys.stderr, flush=True)
+            self.child.send_signal(signum)
+            return
+        raise Stopped(signal.Signals(signum).name)
+
+
+class Stopped(Exception):
+    """The demo was stopped by a signal outside training."""
+
+
+def train(command: list[str], stop: Stop) -> int:
+    """Run train.py (`command`) to its end; signals reach it through `stop`."""
+    stop.child = subprocess.Popen(command, start_new_session=True)
+    try:
+        while True:
+            try:
+                return stop.child.wait()
+            except Stopped:  # a signal raced with the child's exit
+                continue
+    finally:
+        if stop.child.poll() is None:  # an exception of our own: do not leave train.py behind
+            stop.child.terminate()
+            stop.child.wait()
+        stop.child = None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = Stop()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return run_demo(args, stop)
+    except Stopped as e:
+        print(f"demo: stopped by {e} {stop.phase}; no report. Run the same command again to go on (training "
+              f"resumes from its last checkpoint)", file=sys.stderr)
+        return 128 + stop.signal
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(args: argparse.Namespace, stop: Stop) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -185,16 +251,25 @@ def main(argv=None) -> int:
     t_train = time.perf_counter()
     # The cosine schedule runs once over the step budget, so the learning rate ends near 0.
     # train.py runs as its own process, as a user would run it (an entry point imports no other).
-    status = subprocess.call([
+    command = [
         sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--preset", "tiny", "--data", str(train_root),
         "--out", str(run), "--ref-drop", "0.1", "--ref-background", args.ref_background, "--max-steps", str(args.steps),
         "--restart-every", str(args.steps), "--time-limit", str(args.minutes), "--log-every", "25",
         "--save-every", "250", "--val-every", "500", "--val-data", str(heldout_root), "--seed", str(args.seed),
-        *(["--resume"] if (run / "checkpoints").is_dir() else []), *args.train_args])
+        *(["--resume"] if (run / "checkpoints").is_dir() else []), *args.train_args]
+    status = train(command, stop)
+    if stop.signal is not None:  # train.py saved at its step boundary: no sampling on a stopped run
+        from training.checkpoints import checkpoint_dirs
+        saved = checkpoint_dirs(run)
+        where = f"its checkpoint {saved[-1]}" if saved else f"no checkpoint yet in {run / 'checkpoints'}"
+        print(f"demo: stopped by {stop.name} during training (train.py status {status}; {where}); no report. "
+              f"Run the same command again to resume training, then sample and report", file=sys.stderr)
+        return 128 + stop.signal
     if status != 0:
         print(f"demo: training failed (status {status}); see {run}", file=sys.stderr)
         return status
     train_minutes = (time.perf_counter() - t_train) / 60
+    stop.phase = "after training, while sampling and scoring"
     from training.checkpoints import checkpoint_dirs, read_state
     from training.presets import PRESETS
     ckpt = checkpoint_dirs(run)[-1]
@@ -208,10 +283,9 @@ def main(argv=None) -> int:
     heldout_grid(heldout, images, args.samples, ref_background=args.ref_background).save(out / "heldout-samples.png")
     # The scorer's ceiling: the same score on the held-out identities' other (real) images, fitted
     # to the sampling resolution as training fits them.
-    from common.images import fit_and_pad
-    from PIL import Image
+    from common.images import fit_and_pad, open_image
     res = PRESETS["tiny"]["resolution"]
-    real = [fit_and_pad(Image.open(p).convert("RGB"), res)[0] for _, paths, _ in heldout for p in paths[2:]]
+    real = [fit_and_pad(open_image(p), res)[0] for _, paths, _ in heldout for p in paths[2:]]
     ceiling = score(real, [i for _, paths, i in heldout for _ in paths[2:]])
     train_ids = heldout_references(train_root)
     seen = {(i["hair_color"], i["top"], i["bottom"]) for _, _, i in train_ids}

@@ -13,13 +13,17 @@ IP-Adapter file) the references condition the generation; `--guidance` then drop
 keeps the references. `--ref-guidance` adds a separate reference scale for RetriNets trained with
 reference dropout; `--ip-scale` weighs an IP-Adapter's image attention, whose `--image-encoder`
 (CLIP vision weights) it needs. The method is read from the file.
+
+Every argument is checked before any model is built (status 2, one line per problem): files,
+sizes, the sampler's step limit on the schedule, finite guidance scales, --device, a writable
+--out. A failure after that (weights holding NaN, a full disk) is one line and status 1; images
+are written under a temporary name and renamed, so no partial file is left.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +33,8 @@ from common.options import CONCEPTS, PRECISIONS
 def parse_args(argv=None) -> argparse.Namespace:
     from diffusion.samplers import SAMPLERS
     from retrinet import METHODS
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True, help="SD v1.5 single .safetensors file or diffusers folder")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--negative-prompt", default="")
@@ -67,22 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> list[str]:
     """Every problem with the arguments, found before any model is built; resolves --device and
     --precision."""
-    from common.options import default_precision, device_problems, resolve_device
+    from common.options import default_precision, device_problems, out_problems, resolve_device
     from diffusion.sd15 import sampling_problems
     problems = sampling_problems(weights=args.weights, config=args.config, sampler=args.sampler, height=args.height,
-                                 width=args.width, steps=args.steps, num=args.num)
+                                 width=args.width, steps=args.steps, num=args.num, seed=args.seed,
+                                 floats={"--guidance": args.guidance, "--ref-guidance": args.ref_guidance,
+                                         "--ip-scale": args.ip_scale})
     args.device = resolve_device(args.device)
     args.precision = args.precision or default_precision(args.device)
     problems += device_problems(args.device, args.precision)
     problems += check_references(args)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        problems.append(f"--out {out}: cannot write there ({e.strerror or e})")
-    return problems
+    problems += out_problems(args.out)
+    return list(dict.fromkeys(problems))  # a bad --config is found by two checks: say it once
 
 
 def check_references(args: argparse.Namespace) -> list[str]:
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
             print(f"sample.py: error: {p}", file=sys.stderr)
         return 2
 
+    import torch
     from common.weights import CheckpointError
 
     start = time.perf_counter()
@@ -156,6 +158,10 @@ def main(argv=None) -> int:
         sd = load_sd(args)
     except (CheckpointError, ValueError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print(f"sample.py: error: out of memory on {args.device} loading {args.weights} in {args.precision}",
+              file=sys.stderr)
         return 1
     print(f"loaded {args.weights} on {args.device} in {args.precision} ({time.perf_counter() - start:.1f} s)",
           file=sys.stderr)
@@ -174,9 +180,22 @@ def main(argv=None) -> int:
             return 1
     from common.images import save_png
     out = Path(args.out)
-    for image, params in generate(args, sd, model, progress):
+    try:
+        images = generate(args, sd, model, progress)
+    except torch.OutOfMemoryError:
+        print(f"\nsample.py: error: out of memory on {args.device} generating {args.num} image(s) of "
+              f"{args.width}x{args.height}; use a smaller --num, --width or --height", file=sys.stderr)
+        return 1
+    except ValueError as e:   # a reference that changed since the checks
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 1
+    for image, params in images:
         path = out / f"{slug(args.prompt)}-s{args.seed}-{params['index']}.png"
-        save_png(image, params, path)
+        try:
+            save_png(image, params, path)  # atomic: a failed write leaves no file, an older one as it was
+        except OSError as e:  # a full disk, a folder made read-only since the checks
+            print(f"sample.py: error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -19,7 +19,15 @@ processes x batch size x accumulation (paper: 1 x 8). The DDP gradient all-reduc
 micro-batch only. Rank 0 writes everything under --out: log.jsonl (one JSON line per logged step),
 args.json, checkpoints/step-NNNNNN/ (retrinet.safetensors + state.pt), samples/step-NNNNNN.png.
 `--resume` continues from the last checkpoint with the same losses and weights as a run that was
-never stopped. SIGTERM / SIGINT save a checkpoint at the next step boundary and exit cleanly.
+never stopped; it refuses settings that would change what the checkpoint's weights or data position
+mean (training/checkpoints.py RESUME_FIXED), notes the others that changed, and cuts log.jsonl back
+to the resumed step. SIGTERM / SIGINT save a checkpoint at the next step boundary and exit cleanly.
+A step whose loss, gradient or update is not finite is skipped and the weights go back to the last
+finite ones (training/guard.py); MAX_BAD_STEPS of them in a row save those and stop with status 3.
+A collective that waits longer than --ddp-timeout names the processes that did not answer
+(training/distributed.py). Exit status: 0 done (or stopped by a signal / the time limit), 2 bad
+arguments (nothing built or written), 1 a failure after that (one line; the checkpoints written
+before are kept), 3 the non-finite stop. Problems are one line each on stderr, "train.py: error: ...".
 The tiny preset also writes base.safetensors + base-config.json, so that sample.py can load it:
 
     python sample.py --weights runs/tiny/base.safetensors --config runs/tiny/base-config.json \\
@@ -34,8 +42,10 @@ import json
 import math
 import os
 import resource
+import re
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--precision", choices=list(PRECISIONS), default=None,
                      help="default: the preset's (fp32; fp16 for sd15-256)")
     run.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in E and the decoder")
-    run.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--workers", type=int, default=None, help="data loader processes per training process")
     run.add_argument("--time-limit", type=float, default=0,
                      help="minutes; past it, save and stop at the next step boundary (0: none)")
@@ -124,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--val-steps", type=int, default=None)
     run.add_argument("--val-guidance", type=float, default=3.0)
     run.add_argument("--val-ref-guidance", type=float, default=3.0, help="used when --ref-drop > 0")
+    run.add_argument("--ddp-timeout", type=float, default=30.0,
+                     help="minutes a process waits in a collective (several processes) before it gives up, names "
+                          "the processes that did not answer and exits with status 1; longer than a validation grid "
+                          "and a checkpoint write, which the other processes wait for")
     args = ap.parse_args(argv)
     args.explicit = sorted(k for k, v in vars(args).items() if v is not None and ap.get_default(k) is None)
     for defaults in (METHOD_DEFAULTS[args.method], PRESETS[args.preset]):
@@ -137,9 +151,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# Options that must be finite numbers (argparse's float() takes "nan" and "inf"), and the range of
+# each: (name, test, what is expected), tested once the value is finite.
+FINITE = ("lr", "min_lr", "clip_grad", "face_weight", "prompt_drop", "ref_drop", "adam_eps", "weight_decay",
+          "val_guidance", "val_ref_guidance", "time_limit", "ddp_timeout")
+RANGES = (("prompt_drop", lambda v, a: 0 <= v <= 1, "within [0, 1]"),
+          ("ref_drop", lambda v, a: 0 <= v <= 1, "within [0, 1]"),
+          ("lr", lambda v, a: v > 0, "> 0"),
+          ("min_lr", lambda v, a: 0 <= v <= a.lr or not math.isfinite(a.lr), "within [0, --lr]"),
+          ("clip_grad", lambda v, a: v >= 0, ">= 0 (0: no clipping)"),
+          ("face_weight", lambda v, a: v >= 0, ">= 0"),
+          ("adam_eps", lambda v, a: v > 0, "> 0"),
+          ("weight_decay", lambda v, a: v >= 0, ">= 0"),
+          ("time_limit", lambda v, a: v >= 0, ">= 0 (0: none)"),
+          ("ddp_timeout", lambda v, a: v > 0, "> 0 (minutes)"))
+POSITIVE = ("heads", "refs", "resolution", "batch_size", "grad_accum", "restart_every", "max_steps", "save_every",
+            "log_every", "val_steps")
+NON_NEGATIVE = ("warmup", "workers", "keep", "val_count", "val_every", "seed")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?|auto")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_args(args: argparse.Namespace) -> list[str]:
-    """Every problem with the arguments, found before anything is built."""
-    import torch
+    """Every problem with the arguments, found before anything is built (nothing is written)."""
     problems = []
     if args.preset != "tiny" and not args.weights:
         problems.append(f"--preset {args.preset} needs --weights (SD v1.5, single file or diffusers folder)")
@@ -152,28 +189,69 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for root in filter(None, (args.data, args.val_data)):
         if not (Path(root) / "annotations.jsonl").is_file():
             problems.append(f"{root}: no annotations.jsonl (not a RetriBooru root)")
-    positive = ("heads", "refs", "resolution", "batch_size", "grad_accum", "restart_every", "max_steps", "save_every",
-                "log_every", "val_steps")
-    problems += [f"--{n.replace('_', '-')} {getattr(args, n)} must be at least 1" for n in positive
-                 if getattr(args, n) < 1]
-    problems += [f"--{n.replace('_', '-')} {getattr(args, n)} must be within [0, 1]"
-                 for n in ("prompt_drop", "ref_drop") if not 0 <= getattr(args, n) <= 1]
+    problems += [f"{flag(n)} {getattr(args, n)} must be at least 1" for n in POSITIVE if getattr(args, n) < 1]
+    problems += [f"{flag(n)} {getattr(args, n)} must be >= 0" for n in NON_NEGATIVE if getattr(args, n) < 0]
+    problems += [f"{flag(n)} {getattr(args, n)} must be a finite number" for n in FINITE
+                 if not math.isfinite(getattr(args, n))]
+    problems += [f"{flag(n)} {getattr(args, n)} must be {expected}" for n, test, expected in RANGES
+                 if math.isfinite(getattr(args, n)) and not test(getattr(args, n), args)]
     for name in ("resolution", "ref_resolution"):
         if getattr(args, name) is not None and (getattr(args, name) < 8 or getattr(args, name) % 8):
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} must be a positive multiple of 8")
-    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
-        problems.append(f"--lr {args.lr} must be > 0 and --min-lr {args.min_lr} within [0, lr]")
+            problems.append(f"{flag(name)} {getattr(args, name)} must be a positive multiple of 8")
     if args.preset == "tiny" and args.lock != "none":
         problems.append("--preset tiny trains its base U-Net from scratch: only --lock none applies")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {args.device}: CUDA is not available here")
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
-        problems.append("--precision fp16 (with a GradScaler) needs CUDA; use fp32 or bf16 on the CPU")
+    problems += device_problems(args)
+    problems += out_problems(args)
     if args.resume and args.resume != "latest" and not (Path(args.resume) / "state.pt").is_file():
         problems.append(f"--resume {args.resume}: not a checkpoint folder (no state.pt)")
     return problems + method_problems(args)
+
+
+def device_problems(args: argparse.Namespace) -> list[str]:
+    """--device: cpu, cuda, cuda:N or auto (resolved here), and what --precision needs of it."""
+    import torch
+    if not DEVICE.fullmatch(args.device):
+        return [f"--device {args.device}: expected cpu, cuda, cuda:N or auto"]
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    problems = []
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available here")
+    elif args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        problems.append(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        problems.append("--precision fp16 (with a GradScaler) needs CUDA; use fp32 or bf16 on the CPU")
+    return problems
+
+
+def out_problems(args: argparse.Namespace) -> list[str]:
+    """--out: a folder this process can write (tried with a temporary file when it exists, else its
+    nearest existing parent must be a writable folder; nothing is created), and without another
+    run's checkpoints unless --resume continues them."""
+    from training.checkpoints import checkpoint_dirs
+    out = Path(args.out)
+    if out.exists():
+        if not out.is_dir():
+            return [f"--out {out}: is a file, expected a folder (new, or a run's to --resume)"]
+        try:
+            with tempfile.NamedTemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            return [f"--out {out}: cannot write there ({e.strerror or e})"]
+        done = checkpoint_dirs(out)
+        if done and not args.resume:
+            return [f"--out {out}: holds the checkpoints of an earlier run (last: {done[-1].name}); add --resume "
+                    f"to continue it, or choose a new --out"]
+        return []
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return [f"--out {out}: cannot create it, {parent} is a file"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"--out {out}: cannot create it, {parent} is not writable"]
+    return []
 
 
 def method_problems(args: argparse.Namespace) -> list[str]:
@@ -212,31 +290,20 @@ def method_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-# -- distributed -----------------------------------------------------------------------------------
+# -- distributed: training/distributed.py ----------------------------------------------------------
 
-def setup_distributed(device: str):
-    """(rank, world size, device) from torchrun's environment; NCCL on CUDA, gloo on the CPU."""
-    import torch
-    import torch.distributed as dist
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
+def setup_distributed(device: str, timeout_minutes: float = 30.0):
+    from training.distributed import setup_distributed as setup
+    return setup(device, timeout_minutes)
 
 
 def all_sum(values: list, world: int) -> list[float]:
-    """The sums of a few floats over processes, in one all-reduce every process must reach."""
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    from training.distributed import all_sum as reduce
+    return reduce(values, world)
+
+
+class TrainingError(Exception):
+    """A failure after the start that ends the run with one line (status 1)."""
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -301,17 +368,20 @@ class Run:
     """One training run on this process: the models, the optimizer and the batch stream, with the
     four things the loop does: `resume`, `step` (one optimisation step), `save` and `validate`."""
 
-    def __init__(self, args, rank: int, world: int, device, out: Path):
+    def __init__(self, args, rank: int, world: int, device, out: Path, dataset, progress):
         import torch
         from torch.nn.parallel import DistributedDataParallel as DDP
+        from training.guard import LastGood
         from training.objective import Conditioning
         self.args, self.rank, self.world, self.device, self.out = args, rank, world, device, out
+        self.dataset, self.progress = dataset, progress
         self.master = rank == 0
         self.sd, self.model = build(args, device, rank, out)
         self.params = self.model.trainable_parameters()
         self.log(f"{args.preset}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M parameters in the "
                  f"denoiser, {sum(p.numel() for p in self.params) / 1e6:.1f} M trainable ({args.method}, "
                  f"lock {args.lock}); {world} process(es) on {device}, {args.precision}")
+        progress.at("the first weight broadcast (building DistributedDataParallel)")
         self.ddp = (DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1
                     else self.model)
         self.optimizer = make_optimizer(self.params, args, world)
@@ -320,31 +390,44 @@ class Run:
                     if args.precision != "fp32" else contextlib.nullcontext())
         self.text = Conditioning(self.sd)
         self.step_count, self.skipped, self.bad_in_row = 0, 0, 0
+        # The guard (training/guard.py): the state before the last update, which the next step confirms.
+        self.last_good = LastGood(self.params, self.optimizer, self.scaler)
+        self.pending = False  # the weights come from an update no step has confirmed yet
+        self.weights_step = 0  # the number of updates behind the weights held now
         self.data_pos = {"epoch": 0, "offset": 0}
         self.last_batch = None
         self.batches = None
+        self.left_out: set[str] = set()  # validation samples already reported unreadable
 
     def log(self, msg: str) -> None:
         if self.master:
             print(msg, file=sys.stderr, flush=True)
 
-    def resume(self) -> None:
-        """Weights, optimizer, scaler, step, data position and RNG states of the checkpoint that
-        --resume names (the last one in --out for "latest")."""
+    def warn(self, msg: str) -> None:
+        self.log(f"train.py: warning: {msg}")
+
+    def resume(self, ckpt: Path | None, state: dict | None) -> None:
+        """Weights, optimizer, scaler, step, data position and RNG states of checkpoint `ckpt`,
+        whose state.pt (`read_state`) is `state`; nothing (step 0) when --resume found none."""
         import random
 
         import torch
-        from training.checkpoints import checkpoint_dirs, read_state
-        args, out = self.args, self.out
-        ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
+        from common.weights import CheckpointError
         if ckpt is None:
-            self.log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+            self.log(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
             return
-        state = read_state(ckpt)
         self.model.load_weights(ckpt / "retrinet.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / 'state.pt'}: its optimizer state does not fit this model's "
+                                  f"trainable parameters ({e})") from None
+        if self.scaler.is_enabled() and not state["scaler"]:
+            self.log("--resume: the checkpoint's run had no fp16 GradScaler; the scaler starts afresh")
+        else:
+            self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.skipped, self.data_pos = state["step"], state["skipped"], state["data"]
+        self.weights_step = self.step_count
         rng = state["rng"][self.rank] if len(state["rng"]) == self.world else None
         if rng is not None:
             torch.set_rng_state(rng["torch"])
@@ -354,13 +437,9 @@ class Run:
         self.log(f"resumed from {ckpt} at step {self.step_count}")
 
     def open_data(self) -> None:
-        from data.dataset import RetriBooruDataset
         from data.stream import BatchStream
         args = self.args
-        dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
-                                    task=args.task, prompt_drop=args.prompt_drop, seed=args.seed,
-                                    ref_resolution=args.ref_resolution, ref_background=args.ref_background)
-        self.batches = BatchStream(dataset, args.batch_size, rank=self.rank, world=self.world, seed=args.seed,
+        self.batches = BatchStream(self.dataset, args.batch_size, rank=self.rank, world=self.world, seed=args.seed,
                                    workers=args.workers, pin_memory=self.device.type == "cuda", **self.data_pos)
 
     def next_batch(self) -> tuple[dict, int, float]:
@@ -371,21 +450,26 @@ class Run:
             self.last_batch = (batch, epoch)
             return batch, epoch, 1.0
         if self.last_batch is None:
-            raise RuntimeError("the first batch holds no readable sample; run python -m data.validate")
+            raise TrainingError(f"--data {self.args.data}: the first batch holds no readable sample; "
+                                f"check the root with python -m data.validate {self.args.data}")
         return (*self.last_batch, 0.0)
 
     def step(self, stop_requested: bool, out_of_time: bool) -> dict:
         """One optimisation step: --grad-accum micro-batches (DDP's all-reduce on the last), one
-        collective for the loss, the sample count and the stop flag, then the update unless the loss
-        or the gradient is not finite. Returns what the log and the loop need."""
+        collective for the loss, the sample count and the stop flag, then the update, guarded
+        (training/guard.py): when the loss or the gradient is not finite, the update is skipped
+        and, if the weights come from an update not yet confirmed, that update is undone; when the
+        update itself leaves a non-finite weight or optimizer state, it is undone at once.
+        Returns what the log and the loop need."""
         import torch
         from training.objective import diffusion_loss, lr_at
-        args = self.args
+        args, n = self.args, self.step_count + 1
         lr = lr_at(self.step_count, lr=args.lr, warmup=args.warmup, restart_every=args.restart_every,
                    min_lr=args.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         losses, n_samples = [], 0
+        self.progress.at(f"the gradient all-reduce of step {n} (with its forward and backward passes)")
         for micro in range(args.grad_accum):
             batch, epoch, weight = self.next_batch()
             n_samples += batch["size"] if weight else 0
@@ -396,34 +480,66 @@ class Run:
                                           seed=args.seed, face_weight=args.face_weight, ref_drop=args.ref_drop)
                 self.scaler.scale(loss * (weight / args.grad_accum)).backward()
             losses.append(loss.detach().float())
+        self.progress.at(f"the loss all-reduce of step {n}")
         loss, n_samples, stopping = all_sum([torch.stack(losses).mean(), n_samples, stop_requested or out_of_time],
                                             self.world)
         loss /= self.world
-        finite, grad_norm = math.isfinite(loss), float("nan")
-        if finite:
+        grad_norm, grads_ok, bad_before = float("nan"), False, self.bad_in_row
+        if math.isfinite(loss):
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.clip_grad or float("inf")).item()
-            finite = math.isfinite(grad_norm)
-            if finite or self.scaler.is_enabled():  # the scaler skips the update itself on inf / NaN gradients
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            grads_ok = math.isfinite(grad_norm)
+        # The weights held compute when their loss is finite and so is the gradient, unless the fp16
+        # scaler owns gradient overflow (it skips the update and lowers its scale).
+        weights_ok = math.isfinite(loss) and (grads_ok or self.scaler.is_enabled())
+        undone = None
+        if self.pending:
+            self.pending = False
+            if weights_ok:
+                self.bad_in_row = 0  # the last update is confirmed
+            else:  # the last update made weights that do not compute: back to those before it
+                undone, self.weights_step = self.step_count, self.last_good.restore()
+        updated = False
+        if weights_ok:
+            if grads_ok:
+                self.last_good.keep(self.weights_step)
+            self.scaler.step(self.optimizer)  # skips the update itself on inf / NaN gradients (fp16)
+            self.scaler.update()
+            if grads_ok:
+                self.progress.at(f"the update check of step {n}")
+                ok = self.last_good.is_finite()
+                if self.world > 1:  # ZeRO: each process checks its own shard of the optimizer state
+                    ok = all_sum([not ok], self.world)[0] == 0
+                if ok:
+                    updated = self.pending = True
+                else:
+                    undone, self.weights_step = n, self.last_good.restore()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        if finite:
-            self.bad_in_row = 0
+        if updated:
+            self.weights_step = self.step_count
         else:
             self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "samples": n_samples,
+        if undone is not None and undone != n:  # the previous step's update, undone now, counts as skipped too
+            self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        if undone is not None and bad_before == 0:
+            what = "its update made non-finite weights" if undone == n else f"the update of step {undone} made " \
+                   f"weights that give a non-finite loss or gradient"
+            self.warn(f"step {n}: {what}; back to the weights after step {self.weights_step}")
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": updated, "samples": n_samples,
                 "stopping": bool(stopping)}
 
-    def save(self, tag: str = "") -> None:
-        """Collective: ZeRO gathers the full optimizer state on rank 0, which writes the checkpoint."""
+    def save(self, tag: str = "") -> Path | None:
+        """Collective: ZeRO gathers the full optimizer state on rank 0, which writes the checkpoint;
+        then every process learns whether it was written (TrainingError if not). Returns its path
+        on rank 0."""
         import random
 
         import torch
         import torch.distributed as dist
         from training.checkpoints import write_checkpoint
-        args, world = self.args, self.world
+        args, world, step = self.args, self.world, self.step_count
+        self.progress.at(f"the checkpoint of step {step} (gathering the optimizer and RNG states)")
         if args.zero and world > 1:
             self.optimizer.consolidate_state_dict(to=0)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -433,29 +549,57 @@ class Run:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        path, error = None, None
         if self.master:
-            state = {"step": self.step_count, "skipped": self.skipped, "data": self.batches.state(),
+            state = {"step": step, "skipped": self.skipped, "data": self.batches.state(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
-                     "args": json.dumps(vars(args))}
-            path = write_checkpoint(self.out, self.step_count, self.model, state, args.keep)
-            self.log(f"saved {path}{tag}")
-        if world > 1:
-            dist.barrier()
+                     "args": json.dumps(vars(args)), "processes": world, "samples": len(self.dataset)}
+            try:
+                path = write_checkpoint(self.out, step, self.model, state, args.keep)
+            except OSError as e:
+                where = f" ({e.filename})" if e.filename else ""
+                error = (f"cannot write the checkpoint of step {step} in {self.out / 'checkpoints'}: "
+                         f"{e.strerror or e}{where}; the checkpoints written before are kept")
+        self.progress.at(f"the checkpoint of step {step} (waiting for process 0 to write it)")
+        failed = all_sum([error is not None], world)[0] if world > 1 else error is not None
+        if failed:
+            raise TrainingError(error or f"process 0 could not write the checkpoint of step {step} (see its message)")
+        self.log(f"saved {path}{tag}")
+        return path
 
     def validate(self, records: list[dict]) -> None:
-        """Rank 0 writes samples/step-NNNNNN.png: the validation records' references and samples."""
+        """Rank 0 writes samples/step-NNNNNN.png: the validation records' references and samples. A
+        record it cannot read is left out with a warning (once per sample); a grid that fails for
+        any other reason is a warning too: training goes on."""
+        import torch
         from training.validation import sample_grid
-        args = self.args
+        args, step = self.args, self.step_count
         if not (self.master and records):
             return
-        with self.amp:  # frozen parts may be in half precision
-            grid = sample_grid(self.sd, self.model, Path(args.val_data or args.data), records, k=args.refs,
-                               size=args.resolution, ref_size=args.ref_resolution or args.resolution,
-                               steps=args.val_steps, guidance=args.val_guidance,
-                               ref_guidance=args.val_ref_guidance if args.ref_drop > 0 else None,
-                               seed=args.seed, ref_background=args.ref_background)
-        (self.out / "samples").mkdir(exist_ok=True)
-        grid.save(self.out / "samples" / f"step-{self.step_count:06d}.png")
+
+        def left_out(rec: dict, reason: str) -> None:
+            if rec["id"] not in self.left_out:
+                self.left_out.add(rec["id"])
+                self.warn(f"validation grid: left out sample {rec['id']}: {reason}")
+
+        self.progress.at(f"the validation grid of step {step} (process 0 alone)")
+        try:
+            with self.amp:  # frozen parts may be in half precision
+                grid = sample_grid(self.sd, self.model, Path(args.val_data or args.data), records, k=args.refs,
+                                   size=args.resolution, ref_size=args.ref_resolution or args.resolution,
+                                   steps=args.val_steps, guidance=args.val_guidance,
+                                   ref_guidance=args.val_ref_guidance if args.ref_drop > 0 else None,
+                                   seed=args.seed, ref_background=args.ref_background, skip=left_out)
+            if grid is None:
+                self.warn(f"validation grid of step {step}: no validation sample could be read; no grid")
+                return
+            (self.out / "samples").mkdir(exist_ok=True)
+            grid.save(self.out / "samples" / f"step-{step:06d}.png")
+        except Exception as e:  # noqa: BLE001 - a grid is a by-product: it never ends the run
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.warn(f"the validation grid of step {step} failed ({type(e).__name__}: {first}); training goes on")
 
 
 class StepLog:
@@ -493,12 +637,30 @@ class StepLog:
             self.file.close()
 
 
+def error(msg: str) -> None:
+    print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
+
+
+def stop_message(run: Run, path: Path | None) -> str:
+    """The status-3 line: what stopped the run, what the checkpoint holds, what to change."""
+    args = run.args
+    fixes = [f"lower --lr (now {args.lr:g})"]
+    if not args.clip_grad:
+        fixes.append("clip the gradient (--clip-grad 1; now 0, no clipping)")
+    if args.precision != "fp32":
+        fixes.append(f"train in --precision fp32 (now {args.precision})")
+    return (f"{MAX_BAD_STEPS} steps in a row had a non-finite loss, gradient or update, or had their update undone "
+            f"(see training/guard.py); stopped at step {run.step_count}. {path} holds the last finite weights, those "
+            f"after step {run.weights_step}{' (the initial weights)' if run.weights_step == 0 else ''}. To continue, {' or '.join(fixes)}, and add --resume")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     problems = check_args(args)
+    master = int(os.environ.get("RANK", "0")) == 0
     if problems:
         for p in problems:
-            print(f"train.py: error: {p}", file=sys.stderr)
+            error(p)
         return 2
 
     import random
@@ -507,28 +669,53 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from common.weights import CheckpointError
+    from data.dataset import RetriBooruDataset
+    from training.checkpoints import (checkpoint_dirs, read_state, resume_problems, run_settings, saved_settings,
+                                      truncate_log)
+    from training.distributed import Progress, is_collective_failure
     from training.validation import validation_records
 
-    rank, world, device = setup_distributed(args.device)
     out = Path(args.out)
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+    # -- before anything is built: the checkpoint to resume and its settings, the data ------------------
+    ckpt, state = None, None
+    try:
+        if args.resume:
+            ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
+            state = read_state(ckpt) if ckpt is not None else None
+        dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
+                                    task=args.task, prompt_drop=args.prompt_drop, seed=args.seed,
+                                    ref_resolution=args.ref_resolution, ref_background=args.ref_background)
+        val_records = validation_records(Path(args.val_data or args.data), args.val_count)  # every process fails alike
+    except (CheckpointError, ValueError) as e:  # AnnotationError is a ValueError
+        error(e)
+        return 1
+    if len(dataset) < args.batch_size * processes:
+        error(f"--data {args.data}: {len(dataset)} samples, but one micro-batch needs --batch-size {args.batch_size} "
+              f"on each of {processes} process(es), {args.batch_size * processes} samples: lower --batch-size or "
+              f"add samples")
+        return 1
+    if state is not None:
+        problems, notes = resume_problems(saved_settings(state), run_settings(vars(args), processes, len(dataset)),
+                                          ckpt)
+        for p in problems if master else []:
+            error(p)
+        if problems:
+            return 2
+        for note in notes if master else []:
+            print(f"train.py: note: --resume: {note}", file=sys.stderr)
+
+    try:
+        rank, world, device = setup_distributed(args.device, args.ddp_timeout)
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
+        error(f"the processes did not all meet within --ddp-timeout {args.ddp_timeout:g} min ({str(e).strip()[:300]})")
+        return 1
+    progress = Progress(rank, world, args.ddp_timeout)
     torch.manual_seed(args.seed + rank)  # per-rank; each sample's own randomness is seeded by its index
     random.seed(args.seed + rank)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-    if world > 1:
-        dist.barrier()
-
-    # -- build, resume ----------------------------------------------------------------------------
-    try:
-        run = Run(args, rank, world, device, out)
-        if args.resume:
-            run.resume()
-        run.open_data()
-        val_records = validation_records(Path(args.val_data or args.data), args.val_count) if run.master else []
-    except (CheckpointError, ValueError) as e:  # AnnotationError is a ValueError
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
 
     stop = {"signal": None}
 
@@ -538,12 +725,38 @@ def main(argv=None) -> int:
         stop["signal"] = signal.Signals(signum).name
         print(f"train.py: {stop['signal']} received; saving at the end of this step", file=sys.stderr, flush=True)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    # -- the loop: one optimisation step at a time, then checkpoint / stop ------------------------------
-    log = StepLog(run)
-    status = 0
+    previous, log, status, broken = {}, None, 0, False
     try:
+        # -- the run folder, the build, the resume --------------------------------------------------------
+        problem = None
+        if rank == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+                if args.resume:  # the steps after the checkpoint are logged again
+                    resumed = state["step"] if state is not None else 0
+                    dropped = truncate_log(out / "log.jsonl", resumed)
+                    if dropped:
+                        print(f"train.py: note: --resume: {dropped} line(s) of {out / 'log.jsonl'} after step {resumed} "
+                              f"removed; those steps run again", file=sys.stderr)
+            except OSError as e:
+                problem = f"--out {out}: cannot write there ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
+        progress.at("the start (waiting for process 0 to prepare --out)")
+        if (all_sum([problem is not None], world)[0] if world > 1 else problem is not None):
+            raise TrainingError(problem or "process 0 could not prepare --out (see its message)")
+        try:
+            run = Run(args, rank, world, device, out, dataset, progress)
+            if args.resume:
+                run.resume(ckpt, state)
+            state = None  # the optimizer holds what it needs of it
+            run.open_data()
+        except (CheckpointError, ValueError) as e:
+            raise TrainingError(str(e)) from None
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        # -- the loop: one optimisation step at a time, then checkpoint / stop ----------------------------
+        log = StepLog(run)
         run.model.train()
         while run.step_count < args.max_steps:
             out_of_time = bool(args.time_limit) and time.perf_counter() - log.t_start > 60 * args.time_limit
@@ -551,9 +764,9 @@ def main(argv=None) -> int:
             log(result)
             step = run.step_count
             if run.bad_in_row >= MAX_BAD_STEPS:
-                run.log(f"train.py: error: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient; "
-                        f"stopping. The checkpoint holds the last good weights. Lower --lr or use --precision fp32.")
-                run.save(" (after non-finite steps)")
+                path = run.save(" (after non-finite steps)")
+                if run.master:
+                    error(stop_message(run, path))
                 status = 3
                 break
             if result["stopping"]:  # every process stops here
@@ -564,11 +777,28 @@ def main(argv=None) -> int:
                 run.save()
             if args.val_every and step % args.val_every == 0 or step == args.max_steps:
                 run.validate(val_records)
+    except TrainingError as e:
+        if rank == 0 or "process 0" not in str(e):
+            error(e)
+        status = 1
+    except RuntimeError as e:
+        if not (world > 1 and is_collective_failure(e)):
+            raise
+        error(progress.failure(e))
+        status, broken = 1, True
+    except OSError as e:  # log.jsonl, a full disk
+        error(f"{e.filename or out}: {e.strerror or e}; the checkpoints written before are kept")
+        status = 1
+    except KeyboardInterrupt:  # a second SIGTERM / SIGINT (request_stop), or one before the loop
+        error(f"interrupted at step {run.step_count if log else 0} without saving it (a second SIGTERM / SIGINT "
+              f"stops at once); the checkpoints written before are kept")
+        status = 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        log.close()
-        if world > 1:
+        if log is not None:
+            log.close()
+        if world > 1 and not broken:
             dist.destroy_process_group()
     return status
 

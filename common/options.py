@@ -1,11 +1,21 @@
-"""Choice lists that several command lines offer, each defined once."""
+"""Choice lists and checks that several command lines offer, each defined once (sample.py,
+eval.protocol, python -m eval): precisions, concepts, devices, finite numbers, a writable --out."""
 from __future__ import annotations
+
+import math
+import re
+import tempfile
+from pathlib import Path
 
 # --precision: name -> torch dtype name (strings, so that `--help` needs no torch import).
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # The concept text each reference carries (paper Sec. 5.2): a whole figure, a face crop, or the clothes.
 CONCEPTS = ("figure", "face", "clothes")
+
+
+# --device: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def resolve_device(device: str) -> str:
@@ -17,11 +27,17 @@ def resolve_device(device: str) -> str:
 
 
 def device_problems(device: str, precision: str) -> list[str]:
-    """Problems with a resolved --device and --precision for sampling."""
+    """Problems with a resolved --device (cpu, cuda, cuda:N; anything else is refused by name) and
+    --precision."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        return [f"--device {device!r} is unknown; expected cpu, cuda, cuda:N or auto"]
     import torch
     problems = []
     if device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {device}: CUDA is not available here")
+    elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        problems.append(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
     if precision == "fp16" and device == "cpu":
         problems.append("--precision fp16 is not supported on the CPU; use fp32 or bf16")
     return problems
@@ -36,3 +52,24 @@ def torch_dtype(precision: str):
     """The torch dtype of a --precision name."""
     import torch
     return getattr(torch, PRECISIONS[precision])
+
+
+def finite_problems(options: dict[str, float | None]) -> list[str]:
+    """One problem per float option ({"--guidance": value}; None = not given) that is NaN or
+    infinite: argparse's float() takes "nan" and "inf", which would silently turn guidance off or
+    give black images."""
+    return [f"{name} {value}: expected a finite number" for name, value in options.items()
+            if value is not None and not math.isfinite(value)]
+
+
+def out_problems(out: str | Path, option: str = "--out") -> list[str]:
+    """Problems with an output folder, found before any work: it is created if missing and a file
+    is created and removed in it (a read-only or missing parent, a file in the way)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return [f"{option} {out}: cannot write there ({e.strerror or e})"]
+    return []

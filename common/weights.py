@@ -85,22 +85,46 @@ def read_tensors(path: str | Path, keys: Iterable[str] | None = None, *,
                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Read `keys` (default: all) from a safetensors file into {rename(key): tensor}.
 
-    Floating-point tensors are cast to `dtype` when given; integer tensors are left alone.
+    Floating-point tensors are cast to `dtype` when given; integer tensors are left alone. A tensor
+    holding NaN or infinity, or one that overflows `dtype` (fp16 tops out at 65504), raises
+    CheckpointError naming the file and the first such key in reading order: one
+    `isfinite().all()` per tensor (two when cast), gathered before a single device sync.
     """
     path = Path(path)
     header = read_header(path)
     keys = list(header) if keys is None else list(keys)
     out = {}
+    finite, fits = [], []   # (key, 0-d bool tensor): no device sync until every tensor is read
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in keys:
                 t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
+                if t.is_floating_point() and t.numel():
+                    finite.append((key, torch.isfinite(t).all()))
+                    if dtype is not None and t.dtype != dtype:
+                        t = t.to(dtype)
+                        fits.append((key, torch.isfinite(t).all()))
                 out[rename(key)] = t
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: could not read tensors ({type(e).__name__}: {e})") from None
+    bad = _first_false(finite)
+    if bad is not None:
+        what = "NaN" if bool(torch.isnan(out[rename(bad)]).any()) else "infinite"
+        raise CheckpointError(f"{path}: tensor {bad} holds {what} values (a diverged or corrupt checkpoint); "
+                              f"refusing to load it")
+    bad = _first_false(fits)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} overflows {str(dtype).replace('torch.', '')} (values beyond its "
+                              f"range); load it in fp32 or bf16")
     return out
+
+
+def _first_false(flags: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The key of the first False flag, with one device sync for all of them."""
+    if not flags:
+        return None
+    ok = torch.stack([flag for _, flag in flags]).cpu()
+    return None if bool(ok.all()) else flags[int((~ok).nonzero()[0])][0]
 
 
 # Keys that identify a layout, checked in order; the first whose marker some key matches wins.

@@ -30,7 +30,10 @@ Writes ``OUT/annotations.jsonl`` (one RetriBooru sample per line, sorted by id; 
 paths are relative to OUT and point at the original files, nothing is copied), ``OUT/stats.json``
 and three PIL-drawn bar charts ``OUT/stats_references.png``, ``OUT/stats_characters.png`` and
 ``OUT/stats_cloth_tags.png``. With ``truth`` (``{"id", "identity"}`` lines) the pair precision and
-recall of the ``similar`` relation over the kept samples are added to the stats.
+recall of the ``similar`` relation over the kept samples are added to the stats. Every file is
+written under a temporary name and renamed, so a full disk leaves no partial file. When no sample
+is kept (no image listed, none found under the root, all dropped) nothing is written, so an
+earlier build in OUT stays as it was, and the command exits with status 1 naming the root.
 
 Runtime dependencies: the standard library, numpy and PIL only. Only images that have a candidate
 link (after rule a) are opened, once each, to hash them; one that cannot be read is dropped as
@@ -49,6 +52,7 @@ from itertools import combinations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from common.images import WriteError, to_rgb, write_atomically
 from common.jsonl import read_objects
 
 DEFAULT_DROP_TAGS = (
@@ -69,7 +73,8 @@ DROP_REASONS = (
     "not_single_character",  # != 1 character tag, or a multi-character general tag
     "not_single_artist",   # != 1 artist tag (needed for the (character, artist) grouping)
     "no_cloth_tag",        # no general tag in the clothing vocabulary
-    "no_image",            # image file missing under root (or unreadable, when it is hashed)
+    "no_image",            # image file missing under root (or unreadable or of a mode the loader refuses,
+                           # when it is hashed)
     "no_vqa_answer",       # no (or empty) answer
     "no_mask",             # <masks>/<id>.png missing
     "no_face_box",         # no face box line
@@ -159,15 +164,18 @@ def names_colour(answer: str) -> bool:
 def image_hash(image) -> int:
     """128-bit difference hash of an image (a ``PIL.Image`` or a path), as an int.
 
-    The image is seen as the loader sees it (converted to RGB), then grey; bit i of the first 64 is
+    The image is seen as the loader sees it (common.images.to_rgb: 16-bit scaled, alpha over
+    white), then grey; bit i of the first 64 is
     "this thumbnail pixel is brighter than its right neighbour" on a 9x8 LANCZOS thumbnail, of the
     last 64 "brighter than the pixel below" on an 8x9 one. A re-save, a small resize or a slight
     crop moves few bits; ``hash_distance`` counts them. A path that cannot be read raises OSError
-    (PIL's UnidentifiedImageError is one)."""
+    (PIL's UnidentifiedImageError is one); an image whose mode the loader refuses raises
+    UnsupportedImage (a ValueError)."""
     if not isinstance(image, Image.Image):
         with Image.open(image) as im:
-            return image_hash(im.convert("RGB"))
-    grey = image.convert("RGB").convert("L")
+            im.load()
+            return image_hash(to_rgb(im, f"image {image}"))
+    grey = to_rgb(image).convert("L")
     n = HASH_GRID
     across = np.asarray(grey.resize((n + 1, n), Image.Resampling.LANCZOS), dtype=np.int16)
     down = np.asarray(grey.resize((n, n + 1), Image.Resampling.LANCZOS), dtype=np.int16)
@@ -390,11 +398,6 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
     samples.sort(key=lambda s: _sort_key(s["id"]))
     kept_clusters = _components(links)
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "annotations.jsonl"), "w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
-
     ref_hist = Counter(len(s["similar"]) for s in samples)
     char_counts = Counter(s["character"] for s in samples)
     cloth_counts = Counter(t for s in samples for t in s["cloth_tags"])
@@ -420,9 +423,13 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
     if identities is not None:
         stats["truth"] = pair_precision_recall(links, [_key(x["id"]) for x in samples], identities)
 
-    with open(os.path.join(out, "stats.json"), "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    if not samples:   # nothing is written: an earlier build in `out` stays as it was
+        say(f"kept no sample; nothing written to {out}")
+        return stats
+    os.makedirs(out, exist_ok=True)
+    _write_text(os.path.join(out, "annotations.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n"
+                                                                for s in samples))
+    _write_text(os.path.join(out, "stats.json"), json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     bar_chart(os.path.join(out, "stats_references.png"),
               "Same-identity references per sample",
               [str(n) for n in sorted(ref_hist)], [ref_hist[n] for n in sorted(ref_hist)],
@@ -437,6 +444,11 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
               label_title="cloth tag", value_title="# samples")
     say(f"kept {len(samples)} samples in {len(kept_clusters)} clusters -> {out}")
     return stats
+
+
+def _write_text(path, text):
+    """Write `text` atomically (common.images.write_atomically: a full disk leaves no partial file)."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _top(counter, k):
@@ -576,7 +588,7 @@ def bar_chart(path, title, labels, values, label_title="", value_title=""):
             d.rectangle([x_axis, y + 3, x_axis + w, y + row_h - 4], fill=(66, 114, 196))
         d.text((x_axis + w + 6, y + (row_h - th) // 2 - 2), str(v), fill="black", font=font)
     d.line([x_axis, top, x_axis, top + row_h * len(labels)], fill="black", width=1)
-    img.save(path)
+    write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -616,12 +628,25 @@ def main(argv=None) -> int:
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:   # a full disk or a read-only --out: no partial file is left
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for reason, n in stats["dropped"].items():
         if n:
             log(f"dropped {n:6d}  {reason}")
     for rule, n in stats["links"]["removed"].items():
         if n:
             log(f"removed {n:6d}  links: {rule}")
+    if not stats["kept_samples"]:
+        root = args.root or os.path.dirname(os.path.dirname(os.path.abspath(args.metadata)))
+        if not stats["input_images"]:
+            print(f"error: {args.metadata} lists no images (root {root}); nothing written to {args.out}",
+                  file=sys.stderr)
+        else:
+            reasons = ", ".join(f"{n} {r}" for r, n in stats["dropped"].items() if n)
+            print(f"error: no sample kept from the {stats['input_images']} images of root {root} (dropped: "
+                  f"{reasons}); nothing written to {args.out}", file=sys.stderr)
+        return 1
     if "truth" in stats:
         t = stats["truth"]
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"

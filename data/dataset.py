@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from common.images import open_image
+
 from .annotations import load_records
 from .transforms import augment_pil, box_mask, draw_augment, fit_and_pad
 
@@ -96,9 +98,9 @@ class RetriBooruDataset(Dataset):
 
     # -- one sample -------------------------------------------------------------------------------
     def _open(self, rec) -> Image.Image:
-        with Image.open(self.root / rec["image"]) as im:
-            im.load()
-            return im if im.mode == "RGB" else im.convert("RGB")
+        """The sample's image as RGB (common.images.to_rgb: 16-bit scaled, alpha over white); a
+        ValueError naming the file for one that cannot be read or whose mode is refused."""
+        return open_image(self.root / rec["image"])
 
     def _reference(self, rec, image: Image.Image | None = None) -> Image.Image:
         """A reference image: the sample's picture, with its background whitened through the figure
@@ -158,8 +160,7 @@ def _on_white(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 def _load_mask(mask_path: str | Path, image: Image.Image) -> Image.Image:
     """The segmentation mask of `image` as an L image; ValueError unless it has the image's size."""
-    with Image.open(mask_path) as m:
-        mask = m.convert("L")
+    mask = open_image(mask_path, "mask", grey=True)
     if mask.size != image.size:
         raise ValueError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]}, its image {image.width}x{image.height}")
     return mask

@@ -7,6 +7,9 @@ face boxes or boxes outside the image, `similar` ids that do not exist or point 
 itself, asymmetric `similar` lists, and `similar` links between near-duplicate images (the same
 picture re-saved, resized or slightly cropped: data.build's perceptual hash and threshold,
 `image_hash` and `NEAR_DUPLICATE_DISTANCE`), one problem per pair naming both ids and the distance.
+Images and masks are decoded and converted as the loader converts them (common.images.to_rgb /
+to_grey): a 16-bit, palette or alpha image that converts is clean; a mode the loader refuses is a
+problem naming the file and the mode. An annotations.jsonl without any sample is a problem.
 Exit status 0 only for a clean dataset.
 """
 from __future__ import annotations
@@ -17,12 +20,19 @@ from pathlib import Path
 
 from PIL import Image
 
+from common.images import UnsupportedImage, to_grey, to_rgb
+
 from .annotations import read_annotations
 from .build import NEAR_DUPLICATE_DISTANCE, hash_distance, image_hash, is_near_duplicate
 
 
 def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int], problems: list[str]) -> bool:
-    """Append the file's problems; True when it could be read (whatever its size)."""
+    """Append the file's problems; True when it could be read (whatever its size).
+
+    The file is decoded and converted as the loader converts it (common.images: `to_rgb` for an
+    image, `to_grey` for a mask), so an image whose mode is refused (a float image outside [0, 1],
+    an unknown mode) is a problem naming the file and the mode, and one that converts (16-bit
+    greyscale, alpha, palette) is clean."""
     path = root / rel
     if not path.is_file():
         problems.append(f"{who}: {what} {rel} is missing")
@@ -31,7 +41,12 @@ def _check_file(root: Path, rel: str, what: str, who: str, size: tuple[int, int]
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
+            im.load()
             actual = im.size
+            (to_grey if what == "mask" else to_rgb)(im, f"{what} {rel}")
+    except UnsupportedImage as e:
+        problems.append(f"{who}: {e}; the loader cannot use it")
+        return False
     except Exception as e:  # PIL raises many types for broken files
         problems.append(f"{who}: {what} {rel} is unreadable ({type(e).__name__})")
         return False
@@ -80,6 +95,8 @@ def validate(root: str | Path, check_files: bool = True) -> list[str]:
     root = Path(root)
     problems: list[str] = []
     records = read_annotations(root, problems)
+    if not records and not problems:
+        problems.append(f"{root}: annotations.jsonl holds no samples (an empty dataset is not a dataset)")
     ids = {}
     for n, rec in records:
         if rec["id"] in ids:

@@ -8,6 +8,7 @@ latents, run the sampler with classifier-free guidance in one batched U-Net call
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -67,8 +68,11 @@ def load_configs(path: str | Path) -> dict:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read model configs ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object with unet / vae / text_encoder / schedule, got "
+                         f"{type(raw).__name__}")
     unknown = set(raw) - {"unet", "vae", "text_encoder", "schedule"}
     if unknown:
         raise ValueError(f"{path}: unknown parts {sorted(unknown)}; expected unet, vae, text_encoder, schedule")
@@ -78,27 +82,101 @@ def load_configs(path: str | Path) -> dict:
                         VAEConfig(**raw["vae"]) if "vae" in raw else None),
                 "text_encoder": CLIPTextConfig.from_hf(raw["text_encoder"]) if "text_encoder" in raw else None,
                 "schedule": NoiseSchedule(**raw["schedule"]) if "schedule" in raw else None}
-    except TypeError as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: bad config field ({e})") from None
+
+
+def model_configs(weights: str | Path, config: str | Path | None = None) -> dict:
+    """The configs `load_sd15(weights, configs=load_configs(config))` will build, without reading
+    any weights: {"unet", "vae", "text_encoder", "schedule"}, each `config`'s, else the diffusers
+    folder's `<part>/config.json`, else SD v1.5's; "sources" names where each came from (None: the
+    default). ValueError naming the file for one that cannot be read."""
+    from vae import config_from_diffusers as vae_from_diffusers
+    given = load_configs(config) if config else {}
+    parts = {"unet": (config_from_diffusers, UNetConfig.sd15), "vae": (vae_from_diffusers, VAEConfig.sd15),
+             "text_encoder": (lambda d: CLIPTextConfig.from_hf(d.get("text_config", d)), CLIPTextConfig.vit_l14)}
+    out, sources = {}, {}
+    for part, (from_json, default) in parts.items():
+        if given.get(part) is not None:
+            out[part], sources[part] = given[part], str(config)
+            continue
+        path = Path(weights) / part / "config.json"
+        out[part], sources[part] = default(), None
+        if path.is_file():
+            try:
+                out[part], sources[part] = from_json(json.loads(path.read_text())), str(path)
+            except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{path}: not a valid {part} config ({type(e).__name__}: {e})") from None
+    out["schedule"] = given.get("schedule") or NoiseSchedule.sd15()
+    sources["schedule"] = str(config) if given.get("schedule") else None
+    return {**out, "sources": sources}
 
 
 def unet_config_for(weights: str | Path, config: str | Path | None = None) -> UNetConfig:
     """The U-Net config `load_sd15(weights, configs=load_configs(config))` will build, without
     reading any weights: `config`'s, else the diffusers folder's unet/config.json, else SD v1.5's."""
-    cfg = load_configs(config)["unet"] if config else None
-    unet_json = Path(weights) / "unet" / "config.json"
-    if cfg is None and unet_json.is_file():
+    return model_configs(weights, config)["unet"]
+
+
+def steps_limit(sampler: str, num_train_timesteps: int) -> int:
+    """The most steps `sampler` takes on a schedule of `num_train_timesteps` (T) timesteps
+    (diffusion.samplers; tests/test_faults_sample.py runs each sampler at its limit and one above):
+    T - 1 for pndm, ddim, euler and euler_a ("leading" timesteps stride * k + 1 must stay below T;
+    PNDM's steps + 1 model calls repeat one timestep, so they do not count), T - 2 for dpmpp_2m (its
+    timesteps are shifted up by one stride)."""
+    return num_train_timesteps - (2 if sampler == "dpmpp_2m" else 1)
+
+
+SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes [0, 2^64)
+
+
+def _schedule_problems(schedule: NoiseSchedule, source: str) -> list[str]:
+    T, b0, b1 = schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        return [f"{source}: schedule num_train_timesteps must be an integer >= 2, got {T!r}"]
+    numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (b0, b1))
+    if not numbers or not (math.isfinite(b0) and math.isfinite(b1) and 0 < b0 <= b1 < 1):
+        return [f"{source}: schedule betas must satisfy 0 < beta_start <= beta_end < 1, got {b0!r}, {b1!r}"]
+    return []
+
+
+def _model_problems(cfg: dict) -> list[str]:
+    """Configs that cannot be built (on the meta device: nothing is allocated) or do not fit
+    together (latent channels, text width): what would otherwise fail after the weights are read."""
+    problems, sources = [], cfg["sources"]
+    builders = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    for part, build in builders.items():
+        if sources[part] is None or isinstance(cfg[part], PixelSpaceConfig):
+            continue  # SD's own configs build
         try:
-            cfg = config_from_diffusers(json.loads(unet_json.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{unet_json}: not valid JSON ({e})") from None
-    return cfg or UNetConfig.sd15()
+            with torch.device("meta"):
+                build(cfg[part])
+        except Exception as e:  # a config field of the wrong type or value: any error of the constructors
+            problems.append(f"{sources[part]}: the {part} config cannot be built ({type(e).__name__}: {e})")
+    if problems:
+        return problems
+    unet, vae, text = cfg["unet"], cfg["vae"], cfg["text_encoder"]
+    where = lambda *parts: " / ".join(dict.fromkeys(sources[p] or f"SD v1.5's {p}" for p in parts))  # noqa: E731
+    latent = vae.embed_dim
+    if unet.in_channels != latent or unet.out_channels != latent:
+        problems.append(f"{where('unet', 'vae')}: the U-Net takes {unet.in_channels} and gives {unet.out_channels} "
+                        f"channels, the {'pixel space' if isinstance(vae, PixelSpaceConfig) else 'VAE'} has {latent}")
+    if unet.context_dim != text.hidden_size:
+        problems.append(f"{where('unet', 'text_encoder')}: the U-Net's context_dim {unet.context_dim} differs from "
+                        f"the text encoder's hidden_size {text.hidden_size}")
+    return problems
 
 
 def sampling_problems(*, weights: str | Path, config: str | Path | None, sampler: str, height: int, width: int,
-                      steps: int, num: int) -> list[str]:
+                      steps: int, num: int, seed: int | None = None,
+                      floats: dict[str, float | None] | None = None) -> list[str]:
     """Problems with a text-to-image request, found before any model is built (messages name the
-    options of sample.py and eval.protocol, which share them)."""
+    options of sample.py and eval.protocol, which share them): the weights and --config exist and
+    the configs build and fit together (`model_configs`: --config, the diffusers folder's
+    config.json files, SD's), sizes are multiples of 8 and of the VAE's downscale, --steps is
+    within the sampler's limit on the schedule (`steps_limit`: --config's schedule or SD's 1000
+    timesteps), --seed is within torch's range, and every float option in `floats` is finite."""
+    from common.options import finite_problems
     problems = []
     if not Path(weights).exists():
         problems.append(f"--weights {weights}: no such file or folder")
@@ -108,8 +186,34 @@ def sampling_problems(*, weights: str | Path, config: str | Path | None, sampler
                  ("width", width)) if value <= 0 or value % 8]
     if steps < 1 or num < 1:
         problems.append(f"--steps ({steps}) and --num ({num}) must be at least 1")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        problems.append(f"--seed {seed} must be in [0, 2^64 - 1] (the range of torch's generator)")
+    problems += finite_problems(floats or {})
     if config and not Path(config).is_file():
-        problems.append(f"--config {config}: no such file")
+        what = "is a folder, expected a JSON file" if Path(config).is_dir() else "no such file"
+        problems.append(f"--config {config}: {what}")
+        return problems
+    try:
+        cfg = model_configs(weights, config)
+    except ValueError as e:
+        return problems + [str(e)]
+    schedule = cfg["schedule"]
+    found = _schedule_problems(schedule, cfg["sources"]["schedule"] or "SD's schedule")
+    problems += found
+    if not found and sampler in SAMPLERS and steps >= 1:
+        T = schedule.num_train_timesteps
+        limit = steps_limit(sampler, T)
+        if steps > limit:
+            source = cfg["sources"]["schedule"] or "SD's"
+            problems.append(f"--steps {steps}: the {sampler} sampler takes at most {limit} steps on a schedule of "
+                            f"{T} training timesteps ({source})")
+    found = _model_problems(cfg)
+    problems += found
+    f = cfg["vae"].downscale if not found else 8
+    if f > 8:
+        problems += [f"--{name} {value} must be a multiple of {f}, the downscale of the VAE "
+                     f"({cfg['sources']['vae']})" for name, value in (("height", height), ("width", width))
+                     if value > 0 and value % f]
     return problems
 
 

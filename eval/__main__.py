@@ -8,6 +8,11 @@ Writes to --out: table.md, table.csv, results.json (the rows, counts, questions,
 cache statistics), per_image.csv, clip-i_clip-t.png and clip-i_vqa.png. CLIP features are cached
 under --cache (default OUT/cache) by file content, so adding a model's generations to the manifest
 and running again only embeds the new images. The formats are in eval/README.md.
+
+Arguments are checked first (status 2: --device, --batch, a writable --out and --cache, the
+manifests). The results are written into a hidden folder in --out and renamed into place, so a
+full disk or a read-only folder leaves an earlier run's results as they were: one line naming the
+file, status 1.
 """
 from __future__ import annotations
 
@@ -43,10 +48,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def write_results(out: Path, write_outputs, *data) -> dict[str, Path]:
+    """`write_outputs(folder, *data)` (eval.score) into a hidden staging folder inside `out`, then
+    each file renamed into `out`: a full disk or a read-only folder leaves the results of an earlier
+    run as they were and no partial file. OSError names the file being written when it failed
+    (common.images.WriteError)."""
+    import os
+    import shutil
+    from common.images import WriteError
+    stage = out / f".partial-{os.getpid()}"
+    try:
+        staged = write_outputs(stage, *data)
+        for f in staged.values():
+            os.replace(f, out / f.name)
+    except OSError as e:
+        # The file being written: the one the error names, else the last one the writer created
+        # (they are written in the order write_outputs returns them).
+        failed = Path(e.filename).name if getattr(e, "filename", None) else None
+        if failed is None:
+            made = [name for name in ("table.md", "table.csv", "results.json", "per_image.csv", "clip-i_clip-t.png",
+                                      "clip-i_vqa.png") if (stage / name).exists()]
+            failed = made[-1] if made else "table.md"
+        raise WriteError(out / failed, e) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {name: out / f.name for name, f in staged.items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
+    from safetensors import SafetensorError
 
+    from common.options import default_precision, device_problems, out_problems, resolve_device, torch_dtype
     from common.weights import CheckpointError, resolve_file
     from .embed import (EmbeddingCache, FeatureExtractor, WeightsHashes, load_scorer_model, load_tokenizer,
                         model_identity)
@@ -60,15 +93,18 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        return fail(f"--device {args.device}: CUDA is not available here", 2)
-    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
-    if args.precision == "fp16" and args.device == "cpu":
-        return fail("--precision fp16 is not supported on the CPU; use fp32 or bf16", 2)
+    args.device = resolve_device(args.device)
+    args.precision = args.precision or default_precision(args.device)
+    problems = device_problems(args.device, args.precision)
     if args.batch < 1 or args.workers < 0:
-        return fail(f"--batch ({args.batch}) must be >= 1 and --workers ({args.workers}) >= 0", 2)
+        problems.append(f"--batch ({args.batch}) must be >= 1 and --workers ({args.workers}) >= 0")
+    problems += out_problems(args.out)
+    if not args.no_cache and args.cache:
+        problems += out_problems(args.cache, "--cache")
+    if problems:
+        for p in problems:
+            fail(p, 2)
+        return 2
 
     try:
         gens = read_manifests(args.manifest)
@@ -84,7 +120,7 @@ def main(argv=None) -> int:
     log(f"{len(gens)} generations of {len(models)} model(s): {', '.join(models)}; {len(questions)} VQA question(s)")
 
     start = time.perf_counter()
-    dtype = getattr(torch, PRECISIONS[args.precision])
+    dtype = torch_dtype(args.precision)
     try:
         model = load_scorer_model(args.clip, args.clip_config, device=args.device, dtype=dtype)
         tokenizer, tokenizer_id = load_tokenizer(args.clip, args.tokenizer, model.text_config.max_position_embeddings)
@@ -92,11 +128,15 @@ def main(argv=None) -> int:
         return fail(str(e), 1)
     out = Path(args.out)
     cache, identity = None, None
+    cache_dir = Path(args.cache) if args.cache else out / "cache"
     if not args.no_cache:   # features are cached per model identity (weights' bytes, configs, tokenizer, dtype)
-        cache_dir = Path(args.cache) if args.cache else out / "cache"
         weights_file = resolve_file(args.clip, ["model.safetensors"])
-        identity = model_identity(WeightsHashes(cache_dir / "weights_sha256.json")(weights_file), model,
-                                  tokenizer_id, dtype)
+        try:
+            identity = model_identity(WeightsHashes(cache_dir / "weights_sha256.json")(weights_file), model,
+                                      tokenizer_id, dtype)
+        except OSError as e:
+            return fail(f"--cache {cache_dir}: cannot write {cache_dir / 'weights_sha256.json'} "
+                        f"({e.strerror or e}); free space or pass --no-cache", 1)
         cache = EmbeddingCache(cache_dir, identity)
     log(f"loaded CLIP {args.clip} on {args.device} in {args.precision} ({time.perf_counter() - start:.1f} s"
         + ("; no cache)" if cache is None else f"; identity {identity}, {len(cache.entries)} cached features)"))
@@ -112,12 +152,16 @@ def main(argv=None) -> int:
         return report
 
     images = list(dict.fromkeys([g.image for g in gens] + [r for g in gens for r in g.refs]))
-    image_feats = extractor.images(images, progress("images"))
     texts = [g.prompt for g in gens]
     ref_paths = list(dict.fromkeys(r for g in gens for r in g.refs))
     for path in [g.image for g in gens] + ref_paths:
         texts += answer_set(answers, path, questions) or []
-    text_feats = extractor.texts(texts, progress("texts"))
+    try:  # the cache is flushed as features come: a full disk shows here
+        image_feats = extractor.images(images, progress("images"))
+        text_feats = extractor.texts(texts, progress("texts"))
+    except (OSError, SafetensorError) as e:
+        return fail(f"--cache {cache_dir}: cannot write the embedding cache ({getattr(e, 'strerror', None) or e}); "
+                    f"free space or pass --no-cache", 1)
 
     scored = score_generations(gens, image_feats, text_feats, answers, questions)
     rows = summarize(gens, scored)
@@ -126,7 +170,10 @@ def main(argv=None) -> int:
             "unreadable": extractor.unreadable, "cache": extractor.stats,
             "clip": {"weights": str(args.clip), "identity": identity, "precision": args.precision,
                      "device": args.device}}
-    files = write_outputs(out, rows, scored, info)
+    try:
+        files = write_results(out, write_outputs, rows, scored, info)
+    except OSError as e:
+        return fail(f"{e}; the results already in {out} are as they were", 1)
     for path, why in extractor.unreadable.items():
         log(f"unreadable: {path}: {why}")
     for r in rows:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from clip import CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, load_clip, preprocess
+from common.images import to_rgb
 from common.weights import CheckpointError
 
 
@@ -213,7 +214,7 @@ class FeatureExtractor:
             return path, key, None, None
         try:
             with Image.open(io.BytesIO(data)) as im:
-                pixels = preprocess(im.convert("RGB"), size=self.size)[0]
+                pixels = preprocess(to_rgb(im, str(path)), size=self.size)[0]
         except UnidentifiedImageError:
             return path, None, None, "cannot decode it as an image (not an image format PIL reads)"
         except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)

@@ -133,8 +133,10 @@ def manifest_line(g: Generation, folder: Path) -> str:
 
 
 def write_manifest(path: str | Path, generations: list[Generation]) -> None:
-    """Write a manifest atomically (a reader never sees half a file)."""
+    """Write a manifest atomically (common.images.write_atomically: a reader never sees half a file,
+    a failed write leaves the previous manifest as it was and raises WriteError, an OSError naming
+    `path`)."""
+    from common.images import write_atomically
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(manifest_line(g, path.parent) + "\n" for g in generations), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(manifest_line(g, path.parent) + "\n" for g in generations)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -117,7 +116,7 @@ def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
     """Every problem with the arguments and the characters' references, found before any model is
     built (the checks sample.py makes); resolves --device, --precision and --mode."""
     from common.images import open_image
-    from common.options import default_precision, device_problems, resolve_device
+    from common.options import default_precision, device_problems, out_problems, resolve_device
     from diffusion.sd15 import sampling_problems, unet_config_for
     from retrinet import reference_problems
     problems = []
@@ -130,10 +129,13 @@ def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
     if problems:
         return problems
     problems = sampling_problems(weights=args.weights, config=args.config, sampler=args.sampler, height=args.size,
-                                 width=args.size, steps=args.steps, num=args.per_seed)
+                                 width=args.size, steps=args.steps, num=args.per_seed,
+                                 floats={"--guidance": args.guidance, "--ref-guidance": args.ref_guidance,
+                                         "--ip-scale": args.ip_scale})
     args.device = resolve_device(args.device)
     args.precision = args.precision or default_precision(args.device)
     problems += device_problems(args.device, args.precision)
+    problems += out_problems(args.out)
     if problems or not args.retrinet:
         return problems + [f"{flag} needs --retrinet" for flag, value in (("--ref-guidance", args.ref_guidance),
                            ("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder))
@@ -168,8 +170,12 @@ def main(argv=None) -> int:
         characters, prompts = read_characters(args.characters), read_prompts(args.prompts)
     except ManifestError as e:
         return fail(str(e), 2)
+    from diffusion.sd15 import SEED_LIMIT
     if args.seeds < 1 or args.per_seed < 1 or args.first_seed < 0:
         return fail(f"--seeds ({args.seeds}) and --per-seed ({args.per_seed}) must be >= 1, --first-seed >= 0", 2)
+    if args.first_seed + args.seeds > SEED_LIMIT:
+        return fail(f"--first-seed {args.first_seed} + --seeds {args.seeds}: the last seed must be below 2^64 (the "
+                    f"range of torch's generator)", 2)
     problems = check(args, characters)
     if problems:
         for p in problems:
@@ -236,16 +242,23 @@ def main(argv=None) -> int:
                 record = png_parameters(p, weights=args.weights, precision=args.precision, device=args.device,
                                         checkpoint=args.retrinet, reference_files=c["refs"],
                                         image_encoder=args.image_encoder)
-                tmp = path.with_name(f".{path.stem}.partial.png")
-                save_png(image, {**record, "model": model_name, "character": c["id"], "prompt_index": k}, tmp)
-                os.replace(tmp, path)
+                try:  # atomic: a failed write leaves no file under either name
+                    save_png(image, {**record, "model": model_name, "character": c["id"], "prompt_index": k}, path)
+                except OSError as e:   # a full disk, a folder made read-only: the batch is redone on resume
+                    return fail(str(e), 1)
             done[(ci, k, seed)] = True
-            write()
+            try:
+                write()
+            except OSError as e:
+                return fail(str(e), 1)
             elapsed = time.perf_counter() - start
             eta = elapsed / n * (len(todo) - n)
             log(f"[{n}/{len(todo)}] {c['id']} prompt {k} seed {seed}: {args.per_seed} image(s) in "
                 f"{time.perf_counter() - t0:.1f} s (ETA {eta / 60:.1f} min)")
-    write()
+    try:
+        write()
+    except OSError as e:
+        return fail(str(e), 1)
     log(f"wrote {manifest} ({n_images} images)")
     return 0
 

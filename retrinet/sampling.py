@@ -149,6 +149,9 @@ def reference_problems(checkpoint: str | Path | None, references: list[str | Pat
     if ref_size <= 0 or ref_size % 8:
         problems.append(f"--ref-size {ref_size} must be a positive multiple of 8")
     ckpt = Path(checkpoint)
+    if ckpt.is_dir():
+        return problems + [f"--retrinet {ckpt}: is a folder, expected a .safetensors file (a checkpoint written by "
+                           f"train.py, or an official ControlNet / IP-Adapter file)"], None
     if not ckpt.is_file():
         return problems + [f"--retrinet {ckpt}: no such file"], None
     try:

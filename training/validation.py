@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -23,29 +24,41 @@ def validation_records(root: Path, count: int) -> list[dict]:
 @torch.no_grad()
 def sample_grid(sd: StableDiffusion, model: ReferenceUNet, root: Path, records: list[dict], *, k: int, size: int,
                 ref_size: int, steps: int, guidance: float, ref_guidance: float | None, seed: int,
-                ref_background: str = "keep") -> Image.Image:
+                ref_background: str = "keep", skip: Callable[[dict, str], None] | None = None) -> Image.Image | None:
     """One row per record: its K references (figure on white through their masks when
     `ref_background` is "white", as training saw them), a sample without a prompt and one with the
-    record's prompt (fixed seeds, DDIM), then the target itself."""
+    record's prompt (fixed seeds, DDIM), then the target itself. A record whose target, reference
+    or mask cannot be read (the loader skips such samples too) is left out, and `skip(record,
+    reason)` told, the reason naming the file; None when no record is left."""
     by_id = {r["id"]: r for _, r in read_annotations(root)}
     was_training = model.training
     model.eval()
     rows = []
-    for i, rec in enumerate(records):
-        ref_ids = [s for s in rec["similar"] if s in by_id and s != rec["id"]][:k]
-        refs = [open_image(root / by_id[s]["image"], "reference") for s in ref_ids]
-        if ref_background == "white":
-            refs = [figure_on_white(im, root / by_id[s]["mask"]) for im, s in zip(refs, ref_ids)]
-        row = [im.resize((size, size), Image.BILINEAR) for im in refs]
-        row += [Image.new("RGB", (size, size), "white")] * (k - len(refs))
-        for prompt in ("", rec["prompt"]):
-            images, _ = generate(sd, prompt, model=model, references=refs, concepts=["figure"], num=1, steps=steps,
-                                 guidance=guidance, ref_guidance=ref_guidance, sampler="ddim", seed=seed + i,
-                                 height=size, width=size, ref_size=ref_size)
-            row.append(Image.fromarray(images[0].numpy()))
-        row.append(open_image(root / rec["image"], "reference").resize((size, size), Image.BILINEAR))
-        rows.append(row)
-    model.train(was_training)
+    try:
+        for i, rec in enumerate(records):
+            try:
+                ref_ids = [s for s in rec["similar"] if s in by_id and s != rec["id"]][:k]
+                refs = [open_image(root / by_id[s]["image"], "reference") for s in ref_ids]
+                if ref_background == "white":
+                    refs = [figure_on_white(im, root / by_id[s]["mask"]) for im, s in zip(refs, ref_ids)]
+                target = open_image(root / rec["image"], "target").resize((size, size), Image.BILINEAR)
+            except ValueError as e:  # open_image / the mask: one line naming the file
+                if skip is not None:
+                    skip(rec, str(e))
+                continue
+            row = [im.resize((size, size), Image.BILINEAR) for im in refs]
+            row += [Image.new("RGB", (size, size), "white")] * (k - len(refs))
+            for prompt in ("", rec["prompt"]):
+                images, _ = generate(sd, prompt, model=model, references=refs, concepts=["figure"], num=1,
+                                     steps=steps, guidance=guidance, ref_guidance=ref_guidance, sampler="ddim",
+                                     seed=seed + i, height=size, width=size, ref_size=ref_size)
+                row.append(Image.fromarray(images[0].numpy()))
+            row.append(target)
+            rows.append(row)
+    finally:
+        model.train(was_training)
+    if not rows:
+        return None
     cell, pad = max(size, 64), 4
     cols = max(len(r) for r in rows)
     grid = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + pad) + pad + 14), "white")
