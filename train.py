@@ -654,6 +654,90 @@ def stop_message(run: Run, path: Path | None) -> str:
             f"after step {run.weights_step}{' (the initial weights)' if run.weights_step == 0 else ''}. To continue, {' or '.join(fixes)}, and add --resume")
 
 
+class Refused(Exception):
+    """Why the run cannot start: its exit status and the lines that say why."""
+
+    def __init__(self, status: int, *lines: str):
+        super().__init__(*lines)
+        self.status, self.lines = status, lines
+
+
+def prepare(args, out: Path, processes: int, master: bool):
+    """Before anything is built: the checkpoint to resume and its state, the dataset, the validation
+    records, and whether the checkpoint's settings allow this run. Returns (checkpoint, state,
+    dataset, validation records); raises Refused."""
+    from common.weights import CheckpointError
+    from data.dataset import RetriBooruDataset
+    from training.checkpoints import checkpoint_dirs, read_state, resume_problems, run_settings, saved_settings
+    from training.validation import validation_records
+    ckpt, state = None, None
+    try:
+        if args.resume:
+            ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
+            state = read_state(ckpt) if ckpt is not None else None
+        dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
+                                    task=args.task, prompt_drop=args.prompt_drop, seed=args.seed,
+                                    ref_resolution=args.ref_resolution, ref_background=args.ref_background)
+        val_records = validation_records(Path(args.val_data or args.data), args.val_count)  # every process fails alike
+    except (CheckpointError, ValueError) as e:  # AnnotationError is a ValueError
+        raise Refused(1, str(e)) from None
+    if len(dataset) < args.batch_size * processes:
+        raise Refused(1, f"--data {args.data}: {len(dataset)} samples, but one micro-batch needs --batch-size "
+                         f"{args.batch_size} on each of {processes} process(es), {args.batch_size * processes} "
+                         f"samples: lower --batch-size or add samples")
+    if state is not None:
+        problems, notes = resume_problems(saved_settings(state), run_settings(vars(args), processes, len(dataset)),
+                                          ckpt)
+        if problems:
+            raise Refused(2, *(problems if master else []))
+        for note in notes if master else []:
+            print(f"train.py: note: --resume: {note}", file=sys.stderr)
+    return ckpt, state, dataset, val_records
+
+
+def prepare_out(args, out: Path, state: dict | None) -> str | None:
+    """Process 0 writes args.json into --out and, on --resume, cuts log.jsonl back to the resumed
+    step (the steps after it run again). Returns the problem, if any."""
+    from training.checkpoints import truncate_log
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        if args.resume:
+            resumed = state["step"] if state is not None else 0
+            dropped = truncate_log(out / "log.jsonl", resumed)
+            if dropped:
+                print(f"train.py: note: --resume: {dropped} line(s) of {out / 'log.jsonl'} after step {resumed} "
+                      f"removed; those steps run again", file=sys.stderr)
+    except OSError as e:
+        return f"--out {out}: cannot write there ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
+    return None
+
+
+def train_loop(run: Run, log: StepLog, stop: dict, val_records: list[dict]) -> int:
+    """One optimisation step at a time, then checkpoint / stop (nanoGPT's loop). Returns the status."""
+    args = run.args
+    run.model.train()
+    while run.step_count < args.max_steps:
+        out_of_time = bool(args.time_limit) and time.perf_counter() - log.t_start > 60 * args.time_limit
+        result = run.step(stop["signal"] is not None, out_of_time)
+        log(result)
+        step = run.step_count
+        if run.bad_in_row >= MAX_BAD_STEPS:
+            path = run.save(" (after non-finite steps)")
+            if run.master:
+                error(stop_message(run, path))
+            return 3
+        if result["stopping"]:  # every process stops here
+            why = stop["signal"] or ("the time limit" if out_of_time else "a signal on another process")
+            run.save(f" (stopped by {why} at step {step})")
+            return 0
+        if step % args.save_every == 0 or step == args.max_steps:
+            run.save()
+        if args.val_every and step % args.val_every == 0 or step == args.max_steps:
+            run.validate(val_records)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     problems = check_args(args)
@@ -669,43 +753,20 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from common.weights import CheckpointError
-    from data.dataset import RetriBooruDataset
-    from training.checkpoints import (checkpoint_dirs, read_state, resume_problems, run_settings, saved_settings,
-                                      truncate_log)
     from training.distributed import Progress, is_collective_failure
-    from training.validation import validation_records
 
     out = Path(args.out)
     processes = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
 
-    # -- before anything is built: the checkpoint to resume and its settings, the data ------------------
-    ckpt, state = None, None
+    # -- before anything is built: the checkpoint to resume, the data, the resume checks ----------------
     try:
-        if args.resume:
-            ckpt = Path(args.resume) if args.resume != "latest" else (checkpoint_dirs(out) or [None])[-1]
-            state = read_state(ckpt) if ckpt is not None else None
-        dataset = RetriBooruDataset(args.data, resolution=args.resolution, k=args.refs, setting=args.setting,
-                                    task=args.task, prompt_drop=args.prompt_drop, seed=args.seed,
-                                    ref_resolution=args.ref_resolution, ref_background=args.ref_background)
-        val_records = validation_records(Path(args.val_data or args.data), args.val_count)  # every process fails alike
-    except (CheckpointError, ValueError) as e:  # AnnotationError is a ValueError
-        error(e)
-        return 1
-    if len(dataset) < args.batch_size * processes:
-        error(f"--data {args.data}: {len(dataset)} samples, but one micro-batch needs --batch-size {args.batch_size} "
-              f"on each of {processes} process(es), {args.batch_size * processes} samples: lower --batch-size or "
-              f"add samples")
-        return 1
-    if state is not None:
-        problems, notes = resume_problems(saved_settings(state), run_settings(vars(args), processes, len(dataset)),
-                                          ckpt)
-        for p in problems if master else []:
-            error(p)
-        if problems:
-            return 2
-        for note in notes if master else []:
-            print(f"train.py: note: --resume: {note}", file=sys.stderr)
+        ckpt, state, dataset, val_records = prepare(args, out, processes, master)
+    except Refused as e:
+        for line in e.lines:
+            error(line)
+        return e.status
 
+    # -- the processes ---------------------------------------------------------------------------------
     try:
         rank, world, device = setup_distributed(args.device, args.ddp_timeout)
     except RuntimeError as e:
@@ -725,22 +786,10 @@ def main(argv=None) -> int:
         stop["signal"] = signal.Signals(signum).name
         print(f"train.py: {stop['signal']} received; saving at the end of this step", file=sys.stderr, flush=True)
 
-    previous, log, status, broken = {}, None, 0, False
+    previous, log, status, broken, run = {}, None, 0, False, None
     try:
         # -- the run folder, the build, the resume --------------------------------------------------------
-        problem = None
-        if rank == 0:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-                if args.resume:  # the steps after the checkpoint are logged again
-                    resumed = state["step"] if state is not None else 0
-                    dropped = truncate_log(out / "log.jsonl", resumed)
-                    if dropped:
-                        print(f"train.py: note: --resume: {dropped} line(s) of {out / 'log.jsonl'} after step {resumed} "
-                              f"removed; those steps run again", file=sys.stderr)
-            except OSError as e:
-                problem = f"--out {out}: cannot write there ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
+        problem = prepare_out(args, out, state) if rank == 0 else None
         progress.at("the start (waiting for process 0 to prepare --out)")
         if (all_sum([problem is not None], world)[0] if world > 1 else problem is not None):
             raise TrainingError(problem or "process 0 could not prepare --out (see its message)")
@@ -752,31 +801,11 @@ def main(argv=None) -> int:
             run.open_data()
         except (CheckpointError, ValueError) as e:
             raise TrainingError(str(e)) from None
-
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-        # -- the loop: one optimisation step at a time, then checkpoint / stop ----------------------------
+        # -- the loop ------------------------------------------------------------------------------------
         log = StepLog(run)
-        run.model.train()
-        while run.step_count < args.max_steps:
-            out_of_time = bool(args.time_limit) and time.perf_counter() - log.t_start > 60 * args.time_limit
-            result = run.step(stop["signal"] is not None, out_of_time)
-            log(result)
-            step = run.step_count
-            if run.bad_in_row >= MAX_BAD_STEPS:
-                path = run.save(" (after non-finite steps)")
-                if run.master:
-                    error(stop_message(run, path))
-                status = 3
-                break
-            if result["stopping"]:  # every process stops here
-                why = stop["signal"] or ("the time limit" if out_of_time else "a signal on another process")
-                run.save(f" (stopped by {why} at step {step})")
-                break
-            if step % args.save_every == 0 or step == args.max_steps:
-                run.save()
-            if args.val_every and step % args.val_every == 0 or step == args.max_steps:
-                run.validate(val_records)
+        status = train_loop(run, log, stop, val_records)
     except TrainingError as e:
         if rank == 0 or "process 0" not in str(e):
             error(e)
@@ -790,8 +819,8 @@ def main(argv=None) -> int:
         error(f"{e.filename or out}: {e.strerror or e}; the checkpoints written before are kept")
         status = 1
     except KeyboardInterrupt:  # a second SIGTERM / SIGINT (request_stop), or one before the loop
-        error(f"interrupted at step {run.step_count if log else 0} without saving it (a second SIGTERM / SIGINT "
-              f"stops at once); the checkpoints written before are kept")
+        error(f"interrupted at step {run.step_count if run is not None else 0} without saving it (a second SIGTERM "
+              f"/ SIGINT stops at once); the checkpoints written before are kept")
         status = 1
     finally:
         for sig, handler in previous.items():
