@@ -42,7 +42,6 @@ import json
 import math
 import os
 import resource
-import re
 import signal
 import sys
 import tempfile
@@ -168,7 +167,6 @@ RANGES = (("prompt_drop", lambda v, a: 0 <= v <= 1, "within [0, 1]"),
 POSITIVE = ("heads", "refs", "resolution", "batch_size", "grad_accum", "restart_every", "max_steps", "save_every",
             "log_every", "val_steps")
 NON_NEGATIVE = ("warmup", "workers", "keep", "val_count", "val_every", "seed")
-DEVICE = re.compile(r"cpu|cuda(:\d+)?|auto")
 
 
 def flag(name: str) -> str:
@@ -209,17 +207,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 def device_problems(args: argparse.Namespace) -> list[str]:
     """--device: cpu, cuda, cuda:N or auto (resolved here), and what --precision needs of it."""
-    import torch
-    if not DEVICE.fullmatch(args.device):
+    from common.options import DEVICE_PATTERN, cuda_problems, resolve_device
+    if not DEVICE_PATTERN.fullmatch(args.device):
         return [f"--device {args.device}: expected cpu, cuda, cuda:N or auto"]
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    problems = []
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {args.device}: CUDA is not available here")
-    elif args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        problems.append(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    args.device = resolve_device(args.device)
+    problems = cuda_problems(args.device)
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         problems.append("--precision fp16 (with a GradScaler) needs CUDA; use fp32 or bf16 on the CPU")
     return problems

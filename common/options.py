@@ -31,16 +31,22 @@ def device_problems(device: str, precision: str) -> list[str]:
     --precision."""
     if not DEVICE_PATTERN.fullmatch(device):
         return [f"--device {device!r} is unknown; expected cpu, cuda, cuda:N or auto"]
-    import torch
-    problems = []
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {device}: CUDA is not available here")
-    elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        problems.append(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"numbered from 0")
+    problems = cuda_problems(device)
     if precision == "fp16" and device == "cpu":
         problems.append("--precision fp16 is not supported on the CPU; use fp32 or bf16")
     return problems
+
+
+def cuda_problems(device: str) -> list[str]:
+    """Whether a resolved cuda / cuda:N device exists on this machine (nothing to say for the CPU)."""
+    if not device.startswith("cuda"):
+        return []
+    import torch
+    if not torch.cuda.is_available():
+        return [f"--device {device}: CUDA is not available here"]
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"]
+    return []
 
 
 def default_precision(device: str) -> str:

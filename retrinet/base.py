@@ -165,9 +165,7 @@ class SavedModel:
     def read(cls, path: str | Path) -> "SavedModel":
         """From a file's metadata (clear errors otherwise). Older files name the method "mode" and
         keep RetriNet's config fields (heads, null_reference) at the top level."""
-        read_header(path)  # existence, suffix, truncation
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = file_metadata(path)
         if METADATA_KEY not in meta:
             raise CheckpointError(f"{path}: not a RetriNet checkpoint (no '{METADATA_KEY}' metadata)")
         raw = json.loads(meta[METADATA_KEY])
@@ -179,6 +177,14 @@ class SavedModel:
         if method == "retrinet":  # a RetriNet file that does not name its norm was trained with GroupNorm
             config = {"norm": "group", **config}
         return cls(method, config, raw["lock"], raw.get("train_base", False), raw["unet_config"])
+
+
+def file_metadata(path: str | Path) -> dict:
+    """A safetensors file's metadata ({} when it has none), after `read_header`'s checks (existence,
+    suffix, truncation). Files written by `ReferenceUNet.save` hold METADATA_KEY; official ones do not."""
+    read_header(path)
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def base_config_mismatch(saved: dict, cfg: UNetConfig) -> dict:

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from common.weights import CheckpointError, read_header
 from unet import UNet, UNetConfig
-from .base import METADATA_KEY, ReferenceUNet, SavedModel, base_config_mismatch
+from .base import METADATA_KEY, ReferenceUNet, SavedModel, base_config_mismatch, file_metadata
 from .controlnet import ControlNetConfig, ControlNetUNet
 from .ip_adapter import IPAdapterUNet, is_official_file, official_config, official_key_map
 from .model import RetriUNet
@@ -60,9 +59,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     CheckpointError (one line, naming the file) when it is none of them."""
     path = Path(path)
     header = read_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        ours = METADATA_KEY in (f.metadata() or {})
-    if ours or any(k.startswith(("retrinet.", "unet.", "ip_adapter.image_proj.", "ip_adapter.layers."))
+    if METADATA_KEY in file_metadata(path) or any(k.startswith(("retrinet.", "unet.", "ip_adapter.image_proj.", "ip_adapter.layers."))
                    for k in header):
         saved = SavedModel.read(path)
         if saved.method not in METHODS:

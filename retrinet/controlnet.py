@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from PIL import Image
-from safetensors import safe_open
 
 from common.images import fit_and_pad
 from common.weights import detect_layout, load_strict, read_header, read_tensors
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
-from .base import METADATA_KEY, ReferenceUNet
+from .base import METADATA_KEY, ReferenceUNet, file_metadata
 
 
 @dataclass
@@ -102,10 +101,8 @@ class ControlNetUNet(ReferenceUNet):
         """A file written by `save`, or an official ControlNet file: `control_model.*` (1.1 files, or
         1.0 files holding the whole ControlLDM, whose other keys are ignored) or prefix-less keys;
         an official file has no lock of its own, so it takes `lock`."""
-        read_header(path)
-        with safe_open(str(path), framework="pt") as f:
-            if METADATA_KEY in (f.metadata() or {}):
-                return super().load(path, unet)
+        if METADATA_KEY in file_metadata(path):
+            return super().load(path, unet)
         return cls.load_official(path, unet, lock)
 
     @classmethod

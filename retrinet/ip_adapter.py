@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 
 from clip.preprocess import CLIP_MEAN, CLIP_STD
 from common.attention import split_heads
@@ -31,7 +30,7 @@ from common.images import fit_and_pad
 from common.weights import CheckpointError, read_header, read_tensors
 from unet import UNet, UNetConfig
 from unet.model import BasicTransformerBlock
-from .base import METADATA_KEY, ReferenceUNet
+from .base import METADATA_KEY, ReferenceUNet, file_metadata
 
 
 @dataclass
@@ -279,10 +278,7 @@ class IPAdapterUNet(ReferenceUNet):
     def load(cls, path: str | Path, unet: UNet, lock: str = "decoder",
              image_encoder: nn.Module | None = None) -> "IPAdapterUNet":
         """A file written by `save` (its own lock), or an official IP-Adapter file (which takes `lock`)."""
-        read_header(path)
-        with safe_open(str(path), framework="pt") as f:
-            ours = METADATA_KEY in (f.metadata() or {})
-        if ours:
+        if METADATA_KEY in file_metadata(path):
             model = super().load(path, unet)
             model.attach_image_encoder(image_encoder)
             return model

@@ -37,12 +37,14 @@ class ReferenceGuidance:
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], guidance: float, ref_guidance: float):
         self.denoiser, self.guidance, self.ref_guidance = denoiser, guidance, ref_guidance
+        self.drop = None  # (3B,) the first third sees the null reference; made at the first step
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, negative: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        drop = torch.tensor([True] * b + [False] * 2 * b, device=x.device)  # the first third: null reference
+        if self.drop is None or self.drop.shape[0] != 3 * b:
+            self.drop = torch.tensor([True] * b + [False] * 2 * b, device=x.device)
         e_null, e_ref, e_full = self.denoiser(torch.cat([x] * 3), t, torch.cat([negative, negative, context]),
-                                              ref_drop=drop).chunk(3)
+                                              ref_drop=self.drop).chunk(3)
         return e_null + self.ref_guidance * (e_ref - e_null) + self.guidance * (e_full - e_ref)
 
 
