@@ -718,23 +718,135 @@ def _summary(matches: list[dict]) -> dict:
     return out
 
 
-def score(images, identities: list, mismatched: Optional[list] = None) -> dict:
+def binomial_p(k: int, n: int, p0: float) -> float:
+    """One-sided binomial test: P(X >= k) for X ~ Binomial(n, p0), the chance of scoring at least k
+    of n by luck when each trial succeeds with probability p0 (summed in log space, exact)."""
+    if k <= 0:
+        return 1.0
+    if p0 <= 0:
+        return 0.0
+    if p0 >= 1:
+        return 1.0
+    lp, lq = math.log(p0), math.log1p(-p0)
+    terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq
+             for j in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def candidate_identities(identities: list) -> list[dict]:
+    """The distinct identities of a list (by key, else by colour triple), in first-seen order: the
+    candidates that identification chooses among."""
+    seen, out = set(), []
+    for ident in identities:
+        key = ident.get("key") or tuple(_triple(ident).values())
+        if key not in seen:
+            seen.add(key)
+            out.append(ident)
+    return out
+
+
+LOG_FLOOR = -1e4   # an attribute reading that rules a candidate out (the bottom may not be the top's colour)
+
+
+def identification_scores(analysis: dict, candidates: list[dict]) -> np.ndarray:
+    """How well an image (`analyse`'s result) matches each candidate identity: the sum over the
+    attributes the image shows of log P(candidate's colour), P the softmax of the attribute's
+    colour scores. A candidate that matches every read colour scores ~0; each mismatch costs
+    the reading's confidence margin."""
+    total = np.zeros(len(candidates))
+    for att in ATTRIBUTES:
+        scores = analysis["scores"].get(att)
+        if not scores:
+            continue
+        names = list(scores)
+        v = np.array([scores[n] for n in names], dtype=np.float64)
+        finite = np.isfinite(v)
+        logp = np.full(len(v), LOG_FLOOR)
+        top = v[finite].max()
+        logp[finite] = np.maximum(v[finite] - top - np.log(np.exp(v[finite] - top).sum()), LOG_FLOOR)
+        index = {n: i for i, n in enumerate(names)}
+        total += [logp[index[_triple(c)[att]]] if _triple(c)[att] in index else LOG_FLOOR for c in candidates]
+    return total
+
+
+def identify(analysis: dict, candidates: list[dict], rng: np.random.Generator) -> int:
+    """The index of the candidate identity an image matches best (`identification_scores`); ties
+    (candidates with the same colours, or an image that shows none) are broken at random, so that
+    an image that carries no identity picks the right one with probability 1 / len(candidates)."""
+    total = identification_scores(analysis, candidates)
+    best = np.flatnonzero(total >= total.max() - 1e-9)
+    return int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a.get("key") or tuple(_triple(a).values())) == (b.get("key") or tuple(_triple(b).values()))
+
+
+def score(images, identities: list, mismatched: Optional[list] = None, seed: int = 0) -> dict:
     """Scores of images (list, or a (N, 3, H, W) tensor in [-1, 1]) against their identities.
 
     Returns n; exact (fraction of images whose shown attributes all match) and exact_count; hair, top,
     bottom accuracies over the images that show the attribute (with _count and _shown); the same
     under chance_ for the images compared with `mismatched` identities (default: derangement(identities),
     each image against another identity of the list with a different colour triple), which is what
-    matching by luck alone scores; and the predicted colours."""
+    matching by luck alone scores; the predicted colours.
+
+    And whether the images carry their identities, as tests against chance:
+    - identification: the fraction of images whose best-matching identity among the list's distinct
+      identities (`identify`) is their own; chance_identification = 1 / that number;
+    - null_X for X in exact, hair, top, bottom: the match rate against every other identity of the
+      list (all pairs; the derangement's chance_X is one draw of it), estimated as
+      (matches + 1/2) / (comparisons + 1) so that it is never 0;
+    - p_X: the one-sided binomial p-value of X's count against its chance rate (null_X, or
+      1 / identities for identification). Images of one identity share its references, so they are
+      not independent trials: read p as a guide, not an exact probability."""
     images = list(images)
     if not images or len(images) != len(identities):
         raise ValueError(f"need as many identities as images, got {len(images)} images and {len(identities)}")
     mismatched = derangement(identities) if mismatched is None else list(mismatched)
     if len(mismatched) != len(images):
         raise ValueError("mismatched must have one identity per image")
-    colours = [dominant_colours(im) for im in images]
+    analyses = [analyse(im) for im in images]
+    colours = [{k: a[k] for k in ATTRIBUTES} for a in analyses]
     out = {"n": len(images), **_summary([identity_match(c, i) for c, i in zip(colours, identities)])}
     chance = _summary([identity_match(c, i) for c, i in zip(colours, mismatched)])
     out.update({f"chance_{k}": v for k, v in chance.items()})
+
+    candidates = candidate_identities(identities)
+    rng = np.random.default_rng(seed)
+    picks = [identify(a, candidates, rng) for a in analyses]
+    hits = sum(_same(candidates[j], i) for j, i in zip(picks, identities))
+    out.update(identification=hits / len(images), identification_count=hits, candidates=len(candidates),
+               chance_identification=1 / len(candidates),
+               p_identification=binomial_p(hits, len(images), 1 / len(candidates)))
+    # chance per score: every image against every other identity (with other colours)
+    counts = {k: [0, 0] for k in ("exact", *ATTRIBUTES)}
+    for c, ident in zip(colours, identities):
+        for other in candidates:
+            if tuple(_triple(other).values()) == tuple(_triple(ident).values()):
+                continue
+            m = identity_match(c, other)
+            counts["exact"][0] += m["exact"]
+            counts["exact"][1] += 1
+            for att in ATTRIBUTES:
+                if m[att] is not None:
+                    counts[att][0] += m[att]
+                    counts[att][1] += 1
+    for k, (hit, total) in counts.items():
+        null = (hit + 0.5) / (total + 1)
+        n_k = len(images) if k == "exact" else out[f"{k}_shown"]
+        out[f"null_{k}"] = null
+        out[f"p_{k}"] = binomial_p(out[f"{k}_count"], n_k, null)
     out["colours"] = colours
     return out
+
+
+def significance_line(result: dict, alpha: float = 1e-3) -> str:
+    """One line: is retrieval real? (identification against 1 / identities, with its p-value)."""
+    k, n, c = result["identification_count"], result["n"], result["candidates"]
+    p = result["p_identification"]
+    verdict = (f"retrieval is real (p < {alpha:g})" if p < alpha else
+               f"not distinguishable from chance at p < {alpha:g}")
+    return (f"identification: {k} of {n} samples ({k / n:.1%}) show their own identity's colours best among "
+            f"{c} identities (chance {1 / c:.1%}); binomial p = {p:.2g}: {verdict}")

@@ -182,3 +182,69 @@ def test_images_without_a_figure_score_as_unseen_not_crash():
     for image in (rng.integers(0, 256, (24, 24, 3), dtype=np.uint8), np.full((24, 24, 3), 128, np.uint8), blob):
         colours = S.dominant_colours(image)
         assert set(colours) >= {"hair", "top", "bottom"}
+
+
+# -- identification and significance ----------------------------------------------------------------
+
+def test_binomial_p_equals_the_exact_tail_sum():
+    """Against the tail summed in exact rational arithmetic."""
+    from fractions import Fraction
+    from math import comb
+
+    def exact(k, n, p):
+        p = Fraction(p)
+        return float(sum(comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1)))
+
+    for k, n, p in [(0, 10, 0.3), (1, 1, 0.25), (3, 17, 0.0625), (40, 64, 0.0625), (13, 29, 0.4), (64, 64, 0.5)]:
+        assert S.binomial_p(k, n, p) == pytest.approx(exact(k, n, p), rel=1e-9, abs=1e-300), (k, n, p)
+    assert S.binomial_p(0, 5, 0.0) == 1.0 and S.binomial_p(2, 5, 0.0) == 0.0 and S.binomial_p(2, 5, 1.0) == 1.0
+
+
+def test_identification_reads_real_images_and_is_chance_on_shuffled_ones(scores, roots):
+    r = scores["32"]
+    assert r["candidates"] == N_ID and r["chance_identification"] == pytest.approx(1 / N_ID)
+    assert r["identification"] >= 0.6, r                      # measured 0.79
+    assert r["p_identification"] < 1e-12 and r["p_top"] < 1e-6 and r["p_bottom"] < 1e-6
+    assert r["identification_count"] == round(r["identification"] * r["n"])
+    for k in ("exact", "hair", "top", "bottom"):
+        assert 0 < r[f"null_{k}"] < r[k], k
+    # The same images against a shuffled identity list carry no identity: identification near 1/16.
+    s32 = _load(roots[32])
+    images, idents = [im for im, _ in s32], [i for _, i in s32]
+    shuffled = [idents[j] for j in np.random.default_rng(1).permutation(len(idents))]
+    keep = [i for i in range(len(idents)) if shuffled[i]["key"] != idents[i]["key"]]
+    r = S.score([images[i] for i in keep], [shuffled[i] for i in keep])
+    assert r["identification"] <= 0.2 and r["p_identification"] > 1e-3, r
+
+
+def test_images_without_a_figure_identify_at_random():
+    """Blank images show no colour: every candidate ties and the pick is uniform, so the rate is
+    1 / candidates in expectation (here 400 images, 8 candidates: 50 expected)."""
+    hair, cloth = list(HAIR_COLORS), list(CLOTH_COLORS)
+    idents = [{"key": f"id{i}", "hair_color": hair[i], "top": cloth[i], "bottom": cloth[i + 1]} for i in range(8)]
+    blank = Image.new("RGB", (24, 24), (200, 220, 240))
+    a = S.analyse(blank)
+    rng = np.random.default_rng(0)
+    picks = [S.identify(a, idents, rng) for _ in range(400)]
+    assert sorted(set(picks)) == list(range(8))
+    hits = sum(p == i % 8 for i, p in enumerate(picks))
+    assert 30 <= hits <= 72, hits   # Binomial(400, 1/8): mean 50, sd 6.6
+    line = S.significance_line({"identification_count": hits, "n": 400, "candidates": 8,
+                                "p_identification": S.binomial_p(hits, 400, 1 / 8)})
+    assert line.startswith(f"identification: {hits} of 400 samples") and "chance 12.5%" in line
+
+
+def test_identification_picks_the_identity_whose_colours_the_reading_favours():
+    """Scores made by hand: hair red, top blue, bottom white, confidently; candidates that differ in
+    one attribute lose by that attribute's margin."""
+    analysis = {"scores": {"hair": {h: (0.0 if h == "red" else -50.0) for h in HAIR_COLORS},
+                           "top": {c: (0.0 if c == "blue" else -30.0) for c in CLOTH_COLORS},
+                           "bottom": {c: (0.0 if c == "white" else -5.0 if c == "black" else -40.0)
+                                      for c in CLOTH_COLORS}}}
+    cands = [{"hair_color": "red", "top": "green", "bottom": "white"},      # top wrong: -30
+             {"hair_color": "red", "top": "blue", "bottom": "black"},       # bottom nearly right: -5
+             {"hair_color": "blonde", "top": "blue", "bottom": "white"}]    # hair wrong: -50
+    total = S.identification_scores(analysis, cands)
+    assert np.argsort(-total).tolist() == [1, 0, 2]
+    cands.append({"hair_color": "red", "top": "blue", "bottom": "white"})
+    assert S.identify(analysis, cands, np.random.default_rng(0)) == 3
