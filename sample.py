@@ -52,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "are not SD v1.5's shape (diffusers folders carry their own)")
     ap.add_argument("--out", default="outputs", help="output folder (created if missing)")
     refs = ap.add_argument_group("references (RetriNet)")
-    refs.add_argument("--retrinet", default=None, help="RetriNet checkpoint, or an official ControlNet file")
+    refs.add_argument("--retrinet", default=None,
+                      help="a train.py checkpoint file (retrinet.safetensors, or ema.safetensors: its weight "
+                           "average when trained with --ema), or an official ControlNet / IP-Adapter file")
     refs.add_argument("--refs", nargs="+", default=[], help="reference images of one identity")
     refs.add_argument("--concepts", nargs="+", default=[], choices=CONCEPTS,
                       help="concept of each reference (one for all, or one per reference; default figure)")

@@ -114,6 +114,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--max-steps", type=int, default=None)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--zero", action="store_true", help="shard the AdamW state across processes (ZeRO-1)")
+    opt.add_argument("--added-lr-scale", type=float, default=1.0, metavar="X",
+                     help="learning rate of the method's added modules (RetriNet's E, cross-attention and zero "
+                          "convs; the ControlNet; the IP-Adapter's layers) as a multiple of --lr")
+    opt.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                     help="keep an exponential moving average of the trainable weights with this decay (e.g. "
+                          "0.995; 0: none; one more fp32 copy of them in memory); checkpoints then hold it as "
+                          "ema.safetensors, and validation samples from it (training/ema.py)")
+    opt.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
+                     help="min-SNR-gamma loss weighting (e.g. 5; 0: off, as the paper); training/objective.py")
     run = ap.add_argument_group("run")
     run.add_argument("--precision", choices=list(PRECISIONS), default=None,
                      help="default: the preset's (fp32; fp16 for sd15-256)")
@@ -153,7 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Options that must be finite numbers (argparse's float() takes "nan" and "inf"), and the range of
 # each: (name, test, what is expected), tested once the value is finite.
 FINITE = ("lr", "min_lr", "clip_grad", "face_weight", "prompt_drop", "ref_drop", "adam_eps", "weight_decay",
-          "val_guidance", "val_ref_guidance", "time_limit", "ddp_timeout")
+          "val_guidance", "val_ref_guidance", "time_limit", "ddp_timeout", "ema", "snr_gamma",
+          "added_lr_scale")
 RANGES = (("prompt_drop", lambda v, a: 0 <= v <= 1, "within [0, 1]"),
           ("ref_drop", lambda v, a: 0 <= v <= 1, "within [0, 1]"),
           ("lr", lambda v, a: v > 0, "> 0"),
@@ -163,7 +173,10 @@ RANGES = (("prompt_drop", lambda v, a: 0 <= v <= 1, "within [0, 1]"),
           ("adam_eps", lambda v, a: v > 0, "> 0"),
           ("weight_decay", lambda v, a: v >= 0, ">= 0"),
           ("time_limit", lambda v, a: v >= 0, ">= 0 (0: none)"),
-          ("ddp_timeout", lambda v, a: v > 0, "> 0 (minutes)"))
+          ("ddp_timeout", lambda v, a: v > 0, "> 0 (minutes)"),
+          ("ema", lambda v, a: 0 <= v < 1, "within [0, 1) (0: no average)"),
+          ("snr_gamma", lambda v, a: v >= 0, ">= 0 (0: off)"),
+          ("added_lr_scale", lambda v, a: v > 0, "> 0"))
 POSITIVE = ("heads", "refs", "resolution", "batch_size", "grad_accum", "restart_every", "max_steps", "save_every",
             "log_every", "val_steps")
 NON_NEGATIVE = ("warmup", "workers", "keep", "val_count", "val_every", "seed")
@@ -340,6 +353,17 @@ def build(args, device, rank: int, out: Path):
     return sd, model
 
 
+def param_groups(model, params: list, scale: float) -> list:
+    """AdamW's parameter groups: one, or with --added-lr-scale != 1 two, the method's added modules
+    (RetriNet's E, cross-attention and zero convs; the ControlNet; the IP-Adapter's layers) apart
+    from the U-Net's, their learning rate `scale` times --lr."""
+    if scale == 1:
+        return params
+    added = {id(p) for p in model.added.parameters()}
+    return [{"params": [p for p in params if id(p) not in added], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in added], "lr_scale": scale}]
+
+
 def make_optimizer(params, args, world: int):
     import torch
     kw = dict(lr=args.lr, betas=(0.9, 0.999), eps=args.adam_eps, weight_decay=args.weight_decay)
@@ -363,6 +387,7 @@ class Run:
     def __init__(self, args, rank: int, world: int, device, out: Path, dataset, progress):
         import torch
         from torch.nn.parallel import DistributedDataParallel as DDP
+        from training.ema import EMA
         from training.guard import LastGood
         from training.objective import Conditioning
         self.args, self.rank, self.world, self.device, self.out = args, rank, world, device, out
@@ -376,7 +401,8 @@ class Run:
         progress.at("the first weight broadcast (building DistributedDataParallel)")
         self.ddp = (DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1
                     else self.model)
-        self.optimizer = make_optimizer(self.params, args, world)
+        self.optimizer = make_optimizer(param_groups(self.model, self.params, args.added_lr_scale), args, world)
+        self.ema = EMA(self.params, args.ema) if args.ema > 0 else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
         self.amp = (torch.autocast(device.type, dtype=getattr(torch, PRECISIONS[args.precision]))
                     if args.precision != "fp32" else contextlib.nullcontext())
@@ -413,11 +439,21 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{ckpt / 'state.pt'}: its optimizer state does not fit this model's "
-                                  f"trainable parameters ({e})") from None
+                                  f"trainable parameters ({e}; --added-lr-scale 1 keeps one parameter group, any "
+                                  f"other value two: resume with the checkpoint's)") from None
+        if len(self.optimizer.param_groups) == 2:  # the scale of this run, not the checkpoint's
+            self.optimizer.param_groups[1]["lr_scale"] = self.args.added_lr_scale
         if self.scaler.is_enabled() and not state["scaler"]:
             self.log("--resume: the checkpoint's run had no fp16 GradScaler; the scaler starts afresh")
         else:
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            from training.ema import EMA, EMA_FILE
+            if (ckpt / EMA_FILE).is_file():
+                self.ema.load(self.model, ckpt, state.get("ema_updates", 0))
+            else:
+                self.log(f"--resume: {ckpt} holds no weight average ({EMA_FILE}); --ema starts one from its weights")
+                self.ema = EMA(self.params, self.args.ema)
         self.step_count, self.skipped, self.data_pos = state["step"], state["skipped"], state["data"]
         self.weights_step = self.step_count
         rng = state["rng"][self.rank] if len(state["rng"]) == self.world else None
@@ -459,7 +495,7 @@ class Run:
         lr = lr_at(self.step_count, lr=args.lr, warmup=args.warmup, restart_every=args.restart_every,
                    min_lr=args.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         losses, n_samples = [], 0
         self.progress.at(f"the gradient all-reduce of step {n} (with its forward and backward passes)")
         for micro in range(args.grad_accum):
@@ -469,7 +505,8 @@ class Run:
             with self.ddp.no_sync() if self.world > 1 and not sync else contextlib.nullcontext():
                 with self.amp:
                     loss = diffusion_loss(self.ddp, self.sd, self.sd.schedule, self.text, batch, epoch=epoch,
-                                          seed=args.seed, face_weight=args.face_weight, ref_drop=args.ref_drop)
+                                          seed=args.seed, face_weight=args.face_weight, ref_drop=args.ref_drop,
+                                          snr_gamma=args.snr_gamma)
                 self.scaler.scale(loss * (weight / args.grad_accum)).backward()
             losses.append(loss.detach().float())
         self.progress.at(f"the loss all-reduce of step {n}")
@@ -510,6 +547,8 @@ class Run:
         self.step_count += 1
         if updated:
             self.weights_step = self.step_count
+            if self.ema is not None:
+                self.ema.update()
         else:
             self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
         if undone is not None and undone != n:  # the previous step's update, undone now, counts as skipped too
@@ -545,9 +584,10 @@ class Run:
         if self.master:
             state = {"step": step, "skipped": self.skipped, "data": self.batches.state(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
-                     "args": json.dumps(vars(args)), "processes": world, "samples": len(self.dataset)}
+                     "args": json.dumps(vars(args)), "processes": world, "samples": len(self.dataset),
+                     "ema_updates": self.ema.updates if self.ema is not None else None}
             try:
-                path = write_checkpoint(self.out, step, self.model, state, args.keep)
+                path = write_checkpoint(self.out, step, self.model, state, args.keep, ema=self.ema)
             except OSError as e:
                 where = f" ({e.filename})" if e.filename else ""
                 error = (f"cannot write the checkpoint of step {step} in {self.out / 'checkpoints'}: "
@@ -576,7 +616,7 @@ class Run:
 
         self.progress.at(f"the validation grid of step {step} (process 0 alone)")
         try:
-            with self.amp:  # frozen parts may be in half precision
+            with self.amp, self.ema.applied() if self.ema is not None else contextlib.nullcontext():
                 grid = sample_grid(self.sd, self.model, Path(args.val_data or args.data), records, k=args.refs,
                                    size=args.resolution, ref_size=args.ref_resolution or args.resolution,
                                    steps=args.val_steps, guidance=args.val_guidance,

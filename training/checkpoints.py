@@ -24,8 +24,9 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def write_checkpoint(out: Path, step: int, model: ReferenceUNet, state: dict, keep: int) -> Path:
-    """out/checkpoints/step-NNNNNN/{retrinet.safetensors, state.pt}, written under a temporary name
+def write_checkpoint(out: Path, step: int, model: ReferenceUNet, state: dict, keep: int, ema=None) -> Path:
+    """out/checkpoints/step-NNNNNN/{retrinet.safetensors, state.pt} (and ema.safetensors, the weight
+    average of `ema`, a training.ema.EMA, when given), written under a temporary name
     and renamed, so a crash never leaves a partial checkpoint; only the last `keep` are kept. A
     write that fails (a full disk) removes its temporary folder and raises OSError; the checkpoints
     written before are untouched."""
@@ -36,6 +37,8 @@ def write_checkpoint(out: Path, step: int, model: ReferenceUNet, state: dict, ke
     try:
         tmp.mkdir()
         model.save(tmp / "retrinet.safetensors")
+        if ema is not None:
+            ema.save(model, tmp)
         torch.save(state, tmp / "state.pt")
         for f in tmp.iterdir():  # on disk before the rename makes it visible
             with open(f, "rb") as fh:

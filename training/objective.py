@@ -42,12 +42,24 @@ class Conditioning:
         return self.sd.encode_prompts(texts)
 
 
+def snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", 2023): the x_0-error weight min(SNR_t, gamma), SNR_t = acp_t / (1 - acp_t), written for
+    the prediction's own error, which is SNR_t (eps) or SNR_t + 1 (v) times the x_0 error. Low-noise
+    timesteps, whose small details would otherwise dominate the gradient, are weighted down."""
+    acp = schedule.alphas_cumprod.to(t.device)[t].double()
+    snr = acp / (1 - acp)
+    return (snr.clamp(max=gamma) / (snr + 1 if schedule.prediction == "v_prediction" else snr)).float()
+
+
 def diffusion_loss(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning, batch: dict,
-                   *, epoch: int, seed: int, face_weight: float, ref_drop: float) -> torch.Tensor:
+                   *, epoch: int, seed: int, face_weight: float, ref_drop: float,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
     """Eq. 3 as docs/design.md section 5 defines it, per sample then averaged over the batch:
         L_i = sum_pixels valid * (1 + face_weight * face) * mean_c (eps - eps_theta)^2 / sum_pixels valid
     with the masks area-resized to latent resolution. A v-prediction schedule (the tiny preset) puts
-    its target v in place of eps (`NoiseSchedule.target`). How the references enter depends on the
+    its target v in place of eps (`NoiseSchedule.target`). `snr_gamma` > 0 weights each L_i by
+    `snr_weight` (not in the paper; train.py --snr-gamma). How the references enter depends on the
     method (`CONDITIONS`). Runs under the caller's autocast."""
     device = sd.device
     gens = [sample_generator(seed, epoch, int(i)) for i in batch["index"]]
@@ -70,6 +82,8 @@ def diffusion_loss(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Co
     face = F.interpolate(batch["face"].to(device).float(), size=size, mode="area")
     err = (out.float() - schedule.target(x0, noise, t)).pow(2).mean(dim=1, keepdim=True)
     per_sample = (err * valid * (1 + face_weight * face)).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp_min(1e-6)
+    if snr_gamma > 0:
+        per_sample = per_sample * snr_weight(schedule, t, snr_gamma)
     return per_sample.mean()
 
 
