@@ -1,10 +1,12 @@
 # Two commands: `make demo` (set up .venv if needed, train the tiny preset on a synthetic dataset,
-# sample held-out identities, write a report) and `make test` (set up .venv, run the tests).
+# sample held-out identities, write a report; `make demo MINUTES=30` trains longer) and `make test`
+# (set up .venv, run the tests).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
 DEMO_OUT ?= demo-output
+MINUTES  ?= 10
 
 .PHONY: demo test bench clean-venv
 
@@ -16,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) demo.py --out $(DEMO_OUT)
+	$(PY) demo.py --out $(DEMO_OUT) --minutes $(MINUTES)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -1,20 +1,24 @@
 """The demo (`make demo`): RetriNet learns to retrieve identities on the CPU.
 
-    python demo.py --out demo-output                          # 10 minutes of training
-    python demo.py --out demo-30 --minutes 30 --steps 3900    # where retrieval shows clearly
+    python demo.py --out demo-output                      # 10 minutes of training (make demo)
+    python demo.py --out demo-30 --minutes 30             # longer (make demo MINUTES=30)
+    python demo.py --out demo-output --sample-only --sampler dpmpp_2m   # sample the trained run again
 
 1. Generates a synthetic RetriBooru dataset (data.synthetic; by default one flat background colour
    per image, figures 80-95% of the image high, no hats) for training and a second one whose
    identities the model never sees (another seed).
 2. Trains the tiny preset (train.py --preset tiny: SD's architecture shrunk, pixel space, 24 px,
-   v-prediction, with 10% reference dropout for reference guidance, references on white) for a
-   bounded time, the cosine learning-rate schedule running once over the step budget.
-3. Samples every held-out identity from two of its images (no prompt, DDIM 25 steps, reference
-   guidance 3) and scores identity retrieval with the generator's ground truth: the fraction of
-   samples whose dominant hair, top and bottom colours all equal the reference identity's
-   (eval.identity_score), against chance = the same score against a mismatched identity.
-4. Writes report.md / report.json, the held-out sample grid, the training log, checkpoints and
-   validation grids into --out, and prints its path.
+   v-prediction, with 10% reference dropout for reference guidance, references on white, plus the
+   demo's recipe in TRAIN_RECIPE) for --minutes, the cosine learning-rate schedule running once over
+   the step budget (STEPS_PER_MINUTE per minute).
+3. Samples every held-out identity from two of its images (no prompt, reference guidance only) from
+   the weight average of the last checkpoint, and scores identity retrieval with the generator's
+   ground truth (eval.identity_score): identification (which held-out identity each sample matches
+   best; chance 1 / identities) and the fraction of samples whose hair, top and bottom colours equal
+   the reference identity's, each against its chance rate with a binomial p-value, beside the
+   scorer's ceiling on real held-out images.
+4. Writes report.md / report.json, the held-out sample grid, samples.npz, the training log,
+   checkpoints and validation grids into --out, and prints its path.
 
 SIGTERM or Ctrl-C (SIGINT) during training is passed on to train.py, which saves a checkpoint at
 its next step and stops; the demo then stops too, without sampling or a report, with status 128 +
@@ -31,14 +35,19 @@ import sys
 import time
 from pathlib import Path
 
+# What the demo adds to train.py's tiny preset, chosen by the measurements in BENCHMARKS.md ("make
+# demo: learning per CPU-minute"); --train-args come after it, so they override it.
+TRAIN_RECIPE = ["--ema", "0.995"]
+STEPS_PER_MINUTE = 130  # training steps of the demo's settings per minute on an idle 2-core CPU (BENCHMARKS.md)
 DEFAULTS = dict(identities=96, images_per_identity=8, heldout=16, size=48, backgrounds="flat",
-                figure_scale=(0.8, 0.95), ref_background="white", hats=False, steps=1300,
-                minutes=10.0, samples=4, sample_steps=25, ref_guidance=3.0)
+                figure_scale=(0.8, 0.95), ref_background="white", hats=False,
+                minutes=10.0, samples=4, sample_steps=25, sampler="ddim", ref_guidance=5.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from data.dataset import REF_BACKGROUNDS
     from data.synthetic import BACKGROUNDS, FIGURE_SCALE
+    from diffusion import SAMPLERS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo-output")
     ap.add_argument("--identities", type=int, default=DEFAULTS["identities"], help="training identities")
@@ -58,15 +67,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ref-background", choices=REF_BACKGROUNDS, default=DEFAULTS["ref_background"],
                     help="train.py --ref-background: references show the figure on white (through its mask), so "
                          "that what they share with the target is the identity")
-    ap.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps (batch 32)")
-    ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"], help="training time limit")
+    ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"],
+                    help="training time limit (make demo MINUTES=N); the step budget follows from it")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"training steps, over which the learning rate's cosine runs once (default: "
+                         f"{STEPS_PER_MINUTE} per minute of --minutes, what an idle 2-core CPU makes)")
     ap.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="samples per held-out identity")
     ap.add_argument("--sample-steps", type=int, default=DEFAULTS["sample_steps"])
+    ap.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULTS["sampler"])
     ap.add_argument("--ref-guidance", type=float, default=DEFAULTS["ref_guidance"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--raw-weights", action="store_true",
+                    help="sample the trained weights themselves, not their average (ema.safetensors)")
+    ap.add_argument("--sample-only", action="store_true",
+                    help="no training: sample and score the last checkpoint in --out again (other sampling settings)")
     ap.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                     help="extra train.py arguments (everything after this flag)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = max(1, round(STEPS_PER_MINUTE * args.minutes))
+    return args
 
 
 def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
@@ -77,13 +97,16 @@ def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
             for key, ident in sorted(load_identities(root).items()) if len(ident["ids"]) >= 2]
 
 
-def load_run(run: Path, ckpt: Path):
-    """The tiny base of a demo run (run/base.safetensors + base-config.json) and a RetriNet checkpoint
-    on it, for evaluation."""
+def load_run(run: Path, ckpt: Path, raw: bool = False):
+    """The tiny base of a demo run (run/base.safetensors + base-config.json) and the model of a
+    checkpoint folder on it, for evaluation: its weight average (ema.safetensors) when training kept
+    one and not `raw`, else its weights. Returns (sd, model, the file used)."""
     from diffusion.sd15 import load_configs, load_sd15
     from retrinet import RetriUNet
+    from training.ema import EMA_FILE
     sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
-    return sd, RetriUNet.load(ckpt, sd.unet).eval()
+    file = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() and not raw else ckpt / "retrinet.safetensors"
+    return sd, RetriUNet.load(file, sd.unet).eval(), file
 
 
 def reference_image(path: Path, background: str = "keep"):
@@ -106,7 +129,7 @@ def sample_heldout(sd, model, heldout: list, args) -> tuple[list, list]:
     for i, (key, paths, ident) in enumerate(heldout):
         references = [reference_image(p, args.ref_background) for p in paths[:2]]
         out, _ = generate(sd, "", model=model, references=references, concepts=["figure"], num=args.samples,
-                          steps=args.sample_steps, guidance=1.0, ref_guidance=args.ref_guidance, sampler="ddim",
+                          steps=args.sample_steps, guidance=1.0, ref_guidance=args.ref_guidance, sampler=args.sampler,
                           seed=args.seed + i, height=res, width=res, ref_size=ref_res)
         images += list(out.numpy())
         identities += [ident] * args.samples
@@ -256,66 +279,124 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
         "--out", str(run), "--ref-drop", "0.1", "--ref-background", args.ref_background, "--max-steps", str(args.steps),
         "--restart-every", str(args.steps), "--time-limit", str(args.minutes), "--log-every", "25",
         "--save-every", "250", "--val-every", "500", "--val-data", str(heldout_root), "--seed", str(args.seed),
-        *(["--resume"] if (run / "checkpoints").is_dir() else []), *args.train_args]
-    status = train(command, stop)
-    if stop.signal is not None:  # train.py saved at its step boundary: no sampling on a stopped run
-        from training.checkpoints import checkpoint_dirs
-        saved = checkpoint_dirs(run)
-        where = f"its checkpoint {saved[-1]}" if saved else f"no checkpoint yet in {run / 'checkpoints'}"
-        print(f"demo: stopped by {stop.name} during training (train.py status {status}; {where}); no report. "
-              f"Run the same command again to resume training, then sample and report", file=sys.stderr)
-        return 128 + stop.signal
-    if status != 0:
-        print(f"demo: training failed (status {status}); see {run}", file=sys.stderr)
-        return status
+        *TRAIN_RECIPE, *(["--resume"] if (run / "checkpoints").is_dir() else []), *args.train_args]
+    from training.checkpoints import checkpoint_dirs, read_state
+    if args.sample_only:
+        if not checkpoint_dirs(run):
+            print(f"demo: --sample-only: no checkpoint in {run / 'checkpoints'}; run the demo without it first",
+                  file=sys.stderr)
+            return 2
+        print(f"demo: --sample-only: sampling the last checkpoint of {run}", file=sys.stderr)
+    else:
+        status = train(command, stop)
+        if stop.signal is not None:  # train.py saved at its step boundary: no sampling on a stopped run
+            saved = checkpoint_dirs(run)
+            where = f"its checkpoint {saved[-1]}" if saved else f"no checkpoint yet in {run / 'checkpoints'}"
+            print(f"demo: stopped by {stop.name} during training (train.py status {status}; {where}); no report. "
+                  f"Run the same command again to resume training, then sample and report", file=sys.stderr)
+            return 128 + stop.signal
+        if status != 0:
+            print(f"demo: training failed (status {status}); see {run}", file=sys.stderr)
+            return status
     train_minutes = (time.perf_counter() - t_train) / 60
     stop.phase = "after training, while sampling and scoring"
-    from training.checkpoints import checkpoint_dirs, read_state
-    from training.presets import PRESETS
     ckpt = checkpoint_dirs(run)[-1]
-    steps = read_state(ckpt)["step"]
+    state = read_state(ckpt)
+    if args.sample_only:  # the training time of the run, from its earlier report
+        train_minutes = training_minutes(out)
 
     heldout = heldout_references(heldout_root)
-    sd, model = load_run(run, ckpt / "retrinet.safetensors")
+    sd, model, model_file = load_run(run, ckpt, raw=args.raw_weights)
     images, identities = sample_heldout(sd, model, heldout, args)
-    result = score(images, identities)
+    import numpy as np
+    np.savez_compressed(out / "samples.npz", images=np.stack(images), identities=[i["key"] for i in identities])
+    result = score(images, identities, seed=args.seed)
     effect = reference_effect(sd, model, heldout_root, seed=args.seed, ref_background=args.ref_background)
     heldout_grid(heldout, images, args.samples, ref_background=args.ref_background).save(out / "heldout-samples.png")
     # The scorer's ceiling: the same score on the held-out identities' other (real) images, fitted
     # to the sampling resolution as training fits them.
     from common.images import fit_and_pad, open_image
+    from training.presets import PRESETS
     res = PRESETS["tiny"]["resolution"]
     real = [fit_and_pad(open_image(p), res)[0] for _, paths, _ in heldout for p in paths[2:]]
-    ceiling = score(real, [i for _, paths, i in heldout for _ in paths[2:]])
+    ceiling = score(real, [i for _, paths, i in heldout for _ in paths[2:]], seed=args.seed)
     train_ids = heldout_references(train_root)
     seen = {(i["hair_color"], i["top"], i["bottom"]) for _, _, i in train_ids}
     overlap = sum((i["hair_color"], i["top"], i["bottom"]) in seen for _, _, i in heldout)
-    keys = ("exact", "hair", "top", "bottom")
-    report = {"generated": {k: result[k] for k in keys}, "chance": {k: result[f"chance_{k}"] for k in keys},
-              "real_images": {k: ceiling[k] for k in keys}, "samples": len(images),
-              "heldout_identities": len(heldout), "training_identities": len(train_ids),
-              "heldout_colour_triples_seen_in_training": overlap, "steps": steps, "backgrounds": args.backgrounds,
-              "ref_background": args.ref_background, "hats": args.hats, "figure_scale": list(args.figure_scale),
-              "training_minutes": round(train_minutes, 2), "total_minutes": round((time.perf_counter() - start) / 60, 2),
-              "reference_effect_x0_rmse": effect, "checkpoint": str(ckpt), "sampling": {"sampler": "ddim", "steps": args.sample_steps, "prompt": "",
-                                                      "ref_guidance": args.ref_guidance, "samples": args.samples}}
+    saved_args = json.loads(state["args"])
+    context = dict(steps=state["step"], train_minutes=train_minutes, total_minutes=(time.perf_counter() - start) / 60,
+                   training_identities=len(train_ids), heldout=len(heldout), overlap=overlap, checkpoint=ckpt,
+                   model_file=model_file, ema=saved_args.get("ema", 0.0), snr_gamma=saved_args.get("snr_gamma", 0.0),
+                   lr=saved_args.get("lr"), added_lr_scale=saved_args.get("added_lr_scale", 1.0), resolution=res)
+    write_report(out, args, result, ceiling, effect, context)
+    print((out / "report.md").read_text(), file=sys.stderr)
+    print(out)
+    return 0
+
+
+def training_minutes(out: Path) -> float:
+    """The training time of an earlier demo in `out`, from its report.json (NaN when none)."""
+    try:
+        return float(json.loads((out / "report.json").read_text())["training_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("nan")
+
+
+SCORES = (("identification (best of the held-out identities)", "identification"),
+          ("exact (all visible colours right)", "exact"), ("hair colour", "hair"), ("top colour", "top"),
+          ("bottom colour", "bottom"))
+
+
+def write_report(out: Path, args, result: dict, ceiling: dict, effect: dict, c: dict) -> None:
+    """report.json and report.md: the scores of the samples with their chance rates and p-values,
+    the scorer's ceiling on real images, the reference effect and the run's settings."""
+    from eval.identity_score import significance_line
+
+    def chance(k):
+        return result["chance_identification"] if k == "identification" else result[f"null_{k}"]
+
+    report = {"generated": {k: result[k] for _, k in SCORES}, "chance": {k: chance(k) for _, k in SCORES},
+              "p_value": {k: result[f"p_{k}"] for _, k in SCORES},
+              "counts": {k: [result[f"{k}_count"], result["n"] if k in ("identification", "exact")
+                             else result[f"{k}_shown"]] for _, k in SCORES},
+              "chance_derangement": {k: result[f"chance_{k}"] for _, k in SCORES[1:]},
+              "real_images": {k: ceiling[k] for _, k in SCORES}, "significance": significance_line(result),
+              "samples": result["n"], "heldout_identities": c["heldout"],
+              "training_identities": c["training_identities"], "heldout_colour_triples_seen_in_training": c["overlap"],
+              "steps": c["steps"], "training_minutes": round(c["train_minutes"], 2),
+              "total_minutes": round(c["total_minutes"], 2), "ema": c["ema"], "snr_gamma": c["snr_gamma"], "lr": c["lr"],
+              "added_lr_scale": c["added_lr_scale"],
+              "backgrounds": args.backgrounds, "ref_background": args.ref_background, "hats": args.hats,
+              "figure_scale": list(args.figure_scale), "reference_effect_x0_rmse": effect,
+              "checkpoint": str(c["checkpoint"]), "model_file": str(c["model_file"]),
+              "sampling": {"sampler": args.sampler, "steps": args.sample_steps, "prompt": "",
+                           "ref_guidance": args.ref_guidance, "samples": args.samples}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    rows = "\n".join(f"| {name} | {result[k]:.1%} | {result[f'chance_{k}']:.1%} | {ceiling[k]:.1%} |"
-                     for name, k in [("exact (all visible colours right)", "exact"), ("hair colour", "hair"),
-                                     ("top colour", "top"), ("bottom colour", "bottom")])
+    rows = "\n".join(f"| {name} | {result[k]:.1%} ({report['counts'][k][0]}/{report['counts'][k][1]}) | "
+                     f"{chance(k):.1%} | {result[f'p_{k}']:.2g} | {ceiling[k]:.1%} |" for name, k in SCORES)
     effect_rows = "\n".join(f"| {t} | {r['own']} | {r['mismatched']} | {r.get('null', '-')} |" for t, r in effect.items())
+    sampler = {"ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}.get(args.sampler, args.sampler)
+    recipe = [f"weight average with decay {c['ema']}" if c["ema"] else "",
+              f"min-SNR-{c['snr_gamma']:g} loss weights" if c["snr_gamma"] else "",
+              f"RetriNet's modules at {c['added_lr_scale']:g}x the learning rate" if c["added_lr_scale"] != 1 else ""]
+    averaged = "".join(f", {r}" for r in recipe if r)
     (out / "report.md").write_text(f"""# RetriNet demo report
 
-Tiny preset trained for {steps} steps ({train_minutes:.1f} min) on {len(train_ids)} synthetic identities ({args.backgrounds} backgrounds, figures
-{args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high{"" if args.hats else ", no hats"}; references {"on white" if args.ref_background == "white" else "as they are"});
-sampled {args.samples} images for each of {len(heldout)} identities it never saw, from two reference images,
-without a prompt (DDIM {args.sample_steps}, reference guidance {args.ref_guidance}). Scores: the fraction of
-samples whose dominant colours equal the reference identity's (eval.identity_score); chance: the same
-samples against a mismatched identity; real images: the scorer on the held-out identities' own other
-images at {res} px (its ceiling: at this size the hair is one or two pixel rows{", and often under a hat" if args.hats else ""}).
+{significance_line(result)}.
 
-| score | generated | chance | real images |
-|---|---|---|---|
+Tiny preset trained for {c['steps']} steps ({c['train_minutes']:.1f} min{averaged}) on {c['training_identities']} synthetic identities ({args.backgrounds} backgrounds, figures
+{args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high{"" if args.hats else ", no hats"}; references {"on white" if args.ref_background == "white" else "as they are"});
+sampled {args.samples} images for each of {c['heldout']} identities it never saw, from two reference images,
+without a prompt ({sampler} {args.sample_steps}, reference guidance {args.ref_guidance}). Scores
+(eval.identity_score): identification, the fraction of samples whose colours match their own identity
+best among the {c['heldout']} held-out ones (chance 1/{c['heldout']}); the fraction of samples whose dominant
+colours equal the reference identity's. Chance: the same scores against every other held-out identity;
+p: one-sided binomial p-value against chance (samples of one identity share references, so read it as
+a guide); real images: the scorer on the held-out identities' own other images at {c['resolution']} px,
+its ceiling (at this size the hair is one or two pixel rows{", and often under a hat" if args.hats else ""}).
+
+| score | generated | chance | p | real images |
+|---|---|---|---|---|
 {rows}
 
 Do the references count? RMSE of the one-step x_0 prediction on held-out images (no prompt) with their
@@ -326,13 +407,10 @@ as own < mismatched):
 |---|---|---|---|
 {effect_rows}
 
-{overlap} of the {len(heldout)} held-out colour triples also occur among the training identities.
-Samples: heldout-samples.png (references, then samples); training log: run/log.jsonl;
-validation grids: run/samples/; checkpoints: run/checkpoints/.
+{c['overlap']} of the {c['heldout']} held-out colour triples also occur among the training identities.
+Samples: heldout-samples.png (references, then samples) and samples.npz; training log: run/log.jsonl;
+validation grids: run/samples/; checkpoints: run/checkpoints/ (sampled: {Path(c['model_file']).name}).
 """)
-    print((out / "report.md").read_text(), file=sys.stderr)
-    print(out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -326,16 +327,62 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
                       "8", "--val-steps", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and report["samples"] == 6 and report["heldout_identities"] == 3
-    assert set(report["generated"]) == {"exact", "hair", "top", "bottom"}
-    assert 0 <= report["chance"]["exact"] <= 1 and report["real_images"]["exact"] > 0
+    assert set(report["generated"]) == {"identification", "exact", "hair", "top", "bottom"}
+    assert set(report["p_value"]) == set(report["chance"]) == set(report["generated"])
+    assert report["chance"]["identification"] == pytest.approx(1 / 3)
+    assert all(0 < report["chance"][k] < 1 and 0 <= report["p_value"][k] <= 1 for k in report["chance"])
+    assert report["counts"]["identification"][1] == 6 and report["real_images"]["exact"] > 0
+    assert report["significance"].startswith("identification: ") and "binomial p = " in report["significance"]
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (6, 24, 24, 3) and samples["images"].dtype == np.uint8
+    assert len(set(samples["identities"].tolist())) == 3
     effect = report["reference_effect_x0_rmse"]
     assert set(effect) == {"300", "500", "700"} and all(set(r) == {"own", "mismatched", "null"} and
                                                         all(v > 0 for v in r.values()) for r in effect.values())
     assert report["backgrounds"] == "flat" and report["figure_scale"] == [0.8, 0.95]
     assert report["ref_background"] == "white" and report["hats"] is False
     from training.checkpoints import read_state
-    assert json.loads(read_state(out / "run" / "checkpoints" / "step-000002")["args"])["ref_background"] == "white"
+    saved = json.loads(read_state(out / "run" / "checkpoints" / "step-000002")["args"])
+    assert saved["ref_background"] == "white"
+    recipe = dict(zip(demo.TRAIN_RECIPE[::2], demo.TRAIN_RECIPE[1::2]))
+    assert {k: saved[k[2:].replace("-", "_")] for k in recipe} == {k: float(v) for k, v in recipe.items()}
+    assert report["model_file"].endswith("step-000002/ema.safetensors") and report["ema"] == 0.995
     for root in ("data-train", "data-heldout"):
         assert not any("hat" in json.loads(line)["tags"] for line in (out / root / "annotations.jsonl").open())
     assert (out / "heldout-samples.png").is_file() and (out / "report.md").is_file()
     assert (out / "run" / "checkpoints" / "step-000002" / "retrinet.safetensors").is_file()
+    # --sample-only samples the same checkpoint again with other settings, without training.
+    assert demo.main(["--out", str(out), "--identities", "8", "--images-per-identity", "4", "--heldout", "3",
+                      "--samples", "1", "--sample-steps", "3", "--sampler", "dpmpp_2m", "--sample-only",
+                      "--raw-weights"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["model_file"].endswith("step-000002/retrinet.safetensors")
+    assert again["steps"] == 2 and again["samples"] == 3 and again["training_minutes"] == report["training_minutes"]
+    assert again["sampling"]["sampler"] == "dpmpp_2m" and len(json.loads(json.dumps(again["counts"]))) == 5
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["step-000002"]
+    # bench/demo_curve.py scores every checkpoint of the run the same way.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_curve", ROOT / "bench" / "demo_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    assert curve.main(["--out", str(out), "--demo-args", "--samples", "1", "--sample-steps", "2",
+                       "--ref-guidance", "2"]) == 0
+    rows = json.loads((out / "curve.json").read_text())
+    assert [(r["step"], r["ref_guidance"], r["model_file"]) for r in rows] == [(2, 2.0, "ema.safetensors")]
+    assert rows[0]["minutes"] > 0 and 0 <= rows[0]["identification"] <= 1
+
+
+def test_demo_sample_only_needs_a_trained_run(tmp_path, capsys):
+    import demo
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--identities", "4", "--images-per-identity", "3", "--heldout", "2",
+                      "--sample-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"demo: --sample-only: no checkpoint in {out / 'run' / 'checkpoints'}" in err and "Traceback" not in err
+
+
+def test_demo_step_budget_follows_the_minutes():
+    import demo
+    assert demo.parse_args([]).steps == 10 * demo.STEPS_PER_MINUTE
+    assert demo.parse_args(["--minutes", "30"]).steps == 30 * demo.STEPS_PER_MINUTE
+    assert demo.parse_args(["--minutes", "30", "--steps", "7"]).steps == 7
