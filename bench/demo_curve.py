@@ -19,16 +19,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def minutes_at(log: Path, batch: int) -> dict[int, float]:
-    """{step: training minutes up to that step} from log.jsonl's records."""
-    out, total, last = {}, 0.0, 0
+def minutes_at(log: Path, batch: int, step: int) -> float:
+    """Training minutes up to `step`, from log.jsonl's records (steps over samples per second); a
+    step past the last record (a run stopped by its time limit) at the last record's rate."""
+    total, last, rate = 0.0, 0, None
     for line in log.read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("samples_per_s"):
-            total += (rec["step"] - last) * batch / rec["samples_per_s"] / 60
+        if rec["step"] > step:
+            break
+        rate = rec.get("samples_per_s") or rate
+        if rate:
+            total += (rec["step"] - last) * batch / rate / 60
         last = rec["step"]
-        out[last] = total
-    return out
+    return total + ((step - last) * batch / rate / 60 if rate else 0.0)
 
 
 def main(argv=None) -> int:
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         state = read_state(ckpt)
         saved = json.loads(state["args"])
         step = state["step"]
-        minutes = minutes_at(run / "log.jsonl", saved["batch_size"]).get(step, float("nan"))
+        minutes = minutes_at(run / "log.jsonl", saved["batch_size"], step)
         sd, model, file = demo.load_run(run, ckpt)
         images, identities = demo.sample_heldout(sd, model, heldout, demo_args)
         r = score(images, identities, seed=demo_args.seed)
