@@ -10,7 +10,9 @@ An identity is a character look (hair colour and style, eye colour, skin tone) +
 bottom colours, bottom kind, pattern, accessory) + an artist style (outline width and colour,
 shading). Identities share characters and artists; two outfits of one character always differ in
 their (top colour, bottom colour) pair, so identities are recoverable from the VQA colour answers.
-Each image varies pose, facing, position, scale and background. Everything is a function of
+Each image varies pose, facing, position, scale and background. With ``--scene`` (the leakage
+benchmark) the background is one of four named colours and the arms and facing are chosen, all tagged
+and written as the image's prompt instead of the identity's tags. Everything is a function of
 ``(seed, image index)``, so the same arguments give byte-identical files.
 
     python -m data.synthetic --out DIR --identities 12 --images-per-identity 4 --size 128 --seed 0
@@ -60,6 +62,16 @@ OUTLINE_COLORS = ((20, 20, 25), (70, 40, 30), (30, 30, 70))
 MONO_TAGS = ("monochrome", "greyscale", "sketch")
 NOISE_KINDS = ("mono", "multi", "nocloth")
 FIGURE_SCALE = (0.5, 0.85)  # a full figure's height as a fraction of the image, drawn uniformly
+
+# Scenes (the leakage benchmark, eval/leakage.py): a flat background from a named palette and a pose
+# the prompt can name, drawn for each image independently of its identity. The background colours are
+# light tints at least 58 RGB units from every hair, skin and cloth colour and at least 47 from each
+# other, so that a scorer tells them from each other and from the figure.
+SCENE_BACKGROUNDS = {"blue": (150, 200, 235), "green": (170, 225, 165), "purple": (205, 180, 235),
+                     "grey": (190, 190, 190)}
+SCENE_ARMS = {"arms_up": (105.0, 125.0), "arms_down": (5.0, 25.0)}  # both arms' angle range, degrees from hanging
+SCENE_FACING = {"facing_right": 1, "facing_left": -1}               # Pose.facing
+SCENE_LEGS = (2.0, 12.0)  # leg spread of a scene's figure: narrower than the usual 2-22, so arms up is the widest pose
 
 # Stream ids for numpy.random.default_rng([seed, stream, ...]).
 _S_IDENTITIES, _S_LAYOUT, _S_IMAGE, _S_VQA = 0, 1, 2, 3
@@ -171,6 +183,30 @@ def identity_tags(ident: Identity) -> list[str]:
     if ACCESSORY_TAGS[of.accessory]:
         tags.append(ACCESSORY_TAGS[of.accessory])
     return tags
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a scene prompt names: the background colour (a SCENE_BACKGROUNDS name), the arms (a
+    SCENE_ARMS tag) and the facing (a SCENE_FACING tag)."""
+    background: str
+    arms: str
+    facing: str
+
+    def tags(self) -> list[str]:
+        return ["full_body", self.arms, self.facing, f"{self.background}_background"]
+
+
+def draw_scene(rng: np.random.Generator) -> Scene:
+    """A uniformly drawn scene."""
+    return Scene(list(SCENE_BACKGROUNDS)[rng.integers(len(SCENE_BACKGROUNDS))],
+                 list(SCENE_ARMS)[rng.integers(len(SCENE_ARMS))], list(SCENE_FACING)[rng.integers(len(SCENE_FACING))])
+
+
+def scene_prompt(scene: Scene) -> str:
+    """The prompt of a scene image: the scene's tags after "1girl, solo", with spaces for underscores,
+    and nothing of the identity (that has to come from the references)."""
+    return ", ".join(t.replace("_", " ") for t in ["1girl", "solo", *scene.tags()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,9 +464,20 @@ def pose_tags(pose: Pose, close_up: bool) -> list[str]:
 
 def render(ident: Identity, size: int, rng: np.random.Generator, *, close_up: bool = False,
            mono: Optional[str] = None, second: Optional[Identity] = None, backgrounds: str = "mixed",
-           figure_scale: tuple[float, float] = FIGURE_SCALE):
-    """Draw one image. Returns (rgb, mask, face_box, pose and background tags)."""
+           figure_scale: tuple[float, float] = FIGURE_SCALE, scene: Optional[Scene] = None):
+    """Draw one image. Returns (rgb, mask, face_box, pose and background tags). With a `scene`, one
+    full figure with the scene's arms and facing on its background (its tags: Scene.tags)."""
     side = size * SUPERSAMPLE
+    if scene is not None:
+        cv = _Canvas(Image.new("RGB", (side, side), SCENE_BACKGROUNDS[scene.background]))
+        pose = _random_pose(rng, size, False, figure_scale=figure_scale)
+        lo, hi = SCENE_ARMS[scene.arms]
+        pose = replace(pose, facing=SCENE_FACING[scene.facing], arms=(float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))),
+                       legs=float(rng.uniform(*SCENE_LEGS)))
+        face = draw_figure(cv, ident, pose, size)
+        rgb = cv.rgb.resize((size, size), Image.LANCZOS)
+        mask = cv.mask.resize((size, size), Image.LANCZOS).point(lambda v: 255 if v >= 128 else 0)
+        return rgb, mask, face, scene.tags()
     bg, bg_tag = _background(rng, side, plain_white=(mono == "sketch"), backgrounds=backgrounds)
     cv = _Canvas(bg)
     if second is None:
@@ -500,14 +547,19 @@ def _write_jsonl(path: Path, rows) -> None:
 def generate(out: Path, identities: int, images_per_identity: int, size: int, seed: int,
              vqa_error_rate: float = 0.0, noise_fraction: float = 0.1,
              progress: Optional[Callable[[int, int], None]] = None, backgrounds: str = "mixed",
-             figure_scale: tuple[float, float] = FIGURE_SCALE, hats: bool = True) -> dict:
+             figure_scale: tuple[float, float] = FIGURE_SCALE, hats: bool = True, scene: bool = False) -> dict:
     """Write the synthetic dataset under ``out`` and return summary counts.
 
     ``identities * images_per_identity`` clean images plus ``round(noise_fraction * clean)`` noise
     images (cycling monochrome/sketch/greyscale, two characters, no clothing tags). Image ids are
     assigned in a seed-dependent random order; ``progress(done, total)`` is called per image.
+    ``scene``: every clean image is a full figure in a uniformly drawn Scene (a SCENE_BACKGROUNDS
+    background, arms up or down, facing left or right; its tags join the image's tags) and its prompt
+    is ``scene_prompt``: the scene alone, without the identity's tags.
     """
     _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds, figure_scale)
+    if scene and backgrounds != "mixed":
+        raise ValueError(f"scene draws its own backgrounds (SCENE_BACKGROUNDS); backgrounds {backgrounds!r} does not apply")
     out = Path(out)
     for sub in ("images", "masks", "raw"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -532,14 +584,16 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
             ident, noise = idents[idx], None
         else:
             ident, noise = idents[int(rng.integers(identities))], NOISE_KINDS[idx % len(NOISE_KINDS)]
-        close_up = noise is None and rng.random() < 0.1
+        drawn = draw_scene(rng) if scene and noise is None else None
+        close_up = drawn is None and noise is None and rng.random() < 0.1
         mono = MONO_TAGS[int(rng.integers(len(MONO_TAGS)))] if noise == "mono" else None
         second = None
         if noise == "multi":
             others = [j for j, o in enumerate(idents) if o.character != ident.character]
             second = idents[others[int(rng.integers(len(others)))]] if others else ident
         rgb, mask, face, extra = render(ident, size, rng, close_up=close_up, mono=mono,
-                                        second=second, backgrounds=backgrounds, figure_scale=figure_scale)
+                                        second=second, backgrounds=backgrounds, figure_scale=figure_scale,
+                                        scene=drawn)
         rgb.save(out / "images" / f"{iid}.png")
         mask.save(out / "masks" / f"{iid}.png")
 
@@ -563,22 +617,22 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
         faces.append({"id": iid, "face_bbox": list(face)})
         if noise is None:
             truth.append({"id": iid, "identity": ident.key})
-            clean.append((iid, ident, general, face))
+            clean.append((iid, ident, general, face, drawn))
         if progress:
             progress(k + 1, total)
 
     groups: dict[str, list[str]] = {}
-    for iid, ident, _, _ in clean:
+    for iid, ident, _, _, _ in clean:
         groups.setdefault(ident.key, []).append(iid)
     vocab = set(cloth_vocabulary())
     annotations = []
-    for iid, ident, tags, face in clean:
+    for iid, ident, tags, face, drawn in clean:
         annotations.append({
             "id": iid, "image": f"images/{iid}.png", "mask": f"masks/{iid}.png",
             "width": size, "height": size, "character": ident.character.name,
             "artist": ident.artist.name, "tags": tags,
             "cloth_tags": [t for t in tags if t in vocab],
-            "prompt": ", ".join(t.replace("_", " ") for t in tags),
+            "prompt": scene_prompt(drawn) if drawn else ", ".join(t.replace("_", " ") for t in tags),
             "face_bbox": list(face),
             "similar": sorted(j for j in groups[ident.key] if j != iid)})
 
@@ -611,10 +665,15 @@ def main(argv=None) -> int:
                    help="height of a full figure as a fraction of the image, drawn uniformly (default %(default)s)")
     p.add_argument("--no-hats", action="store_true",
                    help="no hats (a third of the outfits wear one, and it hides most of the hair)")
+    p.add_argument("--scene", action="store_true",
+                   help="scenes for the leakage benchmark: named background colours, arms up or down, facing "
+                        "left or right, each drawn per image, tagged, and the prompt (without identity tags)")
     args = p.parse_args(argv)
     try:
         _check_args(args.identities, args.images_per_identity, args.size, args.seed,
                     args.vqa_error_rate, args.noise_fraction, args.backgrounds, tuple(args.figure_scale))
+        if args.scene and args.backgrounds != "mixed":
+            raise ValueError("--scene draws its own backgrounds; --backgrounds does not apply")
     except ValueError as e:
         p.error(str(e))
     start = time.perf_counter()
@@ -626,7 +685,7 @@ def main(argv=None) -> int:
 
     summary = generate(args.out, args.identities, args.images_per_identity, args.size, args.seed,
                        args.vqa_error_rate, args.noise_fraction, progress=progress, backgrounds=args.backgrounds,
-                       figure_scale=tuple(args.figure_scale), hats=not args.no_hats)
+                       figure_scale=tuple(args.figure_scale), hats=not args.no_hats, scene=args.scene)
     print(json.dumps(summary), file=sys.stderr)
     return 0
 

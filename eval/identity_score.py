@@ -734,12 +734,17 @@ def binomial_p(k: int, n: int, p0: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
+def _identity_key(identity: dict):
+    """What makes two identities the same: their key, else their colour triple."""
+    return identity.get("key") or tuple(_triple(identity).values())
+
+
 def candidate_identities(identities: list) -> list[dict]:
     """The distinct identities of a list (by key, else by colour triple), in first-seen order: the
     candidates that identification chooses among."""
     seen, out = set(), []
     for ident in identities:
-        key = ident.get("key") or tuple(_triple(ident).values())
+        key = _identity_key(ident)
         if key not in seen:
             seen.add(key)
             out.append(ident)
@@ -779,10 +784,6 @@ def identify(analysis: dict, candidates: list[dict], rng: np.random.Generator) -
     return int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
 
 
-def _same(a: dict, b: dict) -> bool:
-    return (a.get("key") or tuple(_triple(a).values())) == (b.get("key") or tuple(_triple(b).values()))
-
-
 def score(images, identities: list, mismatched: Optional[list] = None, seed: int = 0) -> dict:
     """Scores of images (list, or a (N, 3, H, W) tensor in [-1, 1]) against their identities.
 
@@ -816,7 +817,7 @@ def score(images, identities: list, mismatched: Optional[list] = None, seed: int
     candidates = candidate_identities(identities)
     rng = np.random.default_rng(seed)
     picks = [identify(a, candidates, rng) for a in analyses]
-    hits = sum(_same(candidates[j], i) for j, i in zip(picks, identities))
+    hits = sum(_identity_key(candidates[j]) == _identity_key(i) for j, i in zip(picks, identities))
     out.update(identification=hits / len(images), identification_count=hits, candidates=len(candidates),
                chance_identification=1 / len(candidates),
                p_identification=binomial_p(hits, len(images), 1 / len(candidates)))

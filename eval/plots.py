@@ -48,19 +48,20 @@ def axis_range(values: list[float]) -> tuple[float, float]:
     return math.floor(lo / step) * step, math.ceil(hi / step) * step
 
 
-def scatter(path, series: list[tuple[str, list[float], list[float]]], *, xlabel: str, ylabel: str, title: str,
-            size: int = 640) -> None:
-    """Write a PNG scatter plot: `series` is [(model name, xs, ys)], one colour each."""
+def scatter(path, series: list[tuple], *, xlabel: str, ylabel: str, title: str, size: int = 640) -> None:
+    """Write a PNG scatter plot: `series` is [(model name, xs, ys)] or [(name, xs, ys, point labels)],
+    one colour each; labelled points are drawn larger, with their label beside them."""
     font, small, big = _font(14), _font(12), _font(16)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    everything = [v for _, xs, ys in series for v in (*xs, *ys)]
+    series = [(s[0], list(s[1]), list(s[2]), list(s[3]) if len(s) > 3 else None) for s in series]
+    everything = [v for _, xs, ys, _ in series for v in (*xs, *ys)]
     lo, hi = axis_range(everything)
     ticks = [t for t in nice_ticks(lo, hi, target=8) if lo - 1e-9 <= t <= hi + 1e-9]
     decimals = max(0, -math.floor(math.log10(ticks[1] - ticks[0]))) if len(ticks) > 1 else 2
     labels = [f"{t:.{decimals}f}" for t in ticks]
 
-    legend = [(name, PALETTE[i % len(PALETTE)]) for i, (name, _, _) in enumerate(series)]
-    legend_w = max([_text_size(probe, f"{n} (n={len(xs)})", font)[0] for (n, xs, _) in series] + [0]) + 40
+    legend = [(name, PALETTE[i % len(PALETTE)]) for i, (name, _, _, _) in enumerate(series)]
+    legend_w = max([_text_size(probe, f"{n} (n={len(xs)})", font)[0] for (n, xs, _, _) in series] + [0]) + 40
     tick_w = max(_text_size(probe, s, small)[0] for s in labels)
     left, top = 30 + tick_w + 16, 50
     plot = size
@@ -98,19 +99,30 @@ def scatter(path, series: list[tuple[str, list[float], list[float]]], *, xlabel:
     # points (translucent, so dense clusters show), then each model's mean on top
     layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
     dl = ImageDraw.Draw(layer)
-    for (name, xs, ys), (_, colour) in zip(series, legend):
+    for (name, xs, ys, labels), (_, colour) in zip(series, legend):
+        r = 3 if labels is None else 5
         for x, y in zip(xs, ys):
             cx, cy = px(x, y)
-            dl.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(*colour, 110))
+            dl.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(*colour, 110 if labels is None else 200))
     img.paste(layer, (0, 0), layer)
-    for (name, xs, ys), (_, colour) in zip(series, legend):
+    placed = []   # label boxes so far: a label that would overlap one moves down a line until it does not
+    for (name, xs, ys, labels), (_, colour) in zip(series, legend):
+        for x, y, text in zip(xs, ys, labels or []):
+            cx, cy = px(x, y)
+            w, h = _text_size(d, text, small)
+            ty = cy - 7
+            while any(cx + 8 < bx1 and bx0 < cx + 8 + w and ty < by1 and by0 < ty + h + 2 for bx0, by0, bx1, by1 in placed):
+                ty += h + 3
+            placed.append((cx + 8, ty, cx + 8 + w, ty + h + 2))
+            d.text((cx + 8, ty), text, fill=colour, font=small)
+    for (name, xs, ys, labels), (_, colour) in zip(series, legend):
         if xs:
             cx, cy = px(sum(xs) / len(xs), sum(ys) / len(ys))
             d.ellipse([cx - 7, cy - 7, cx + 7, cy + 7], fill=colour, outline="black", width=2)
 
     # legend
     lx, ly = left + plot + 30, top
-    for (name, xs, _), (_, colour) in zip(series, legend):
+    for (name, xs, _, _), (_, colour) in zip(series, legend):
         d.ellipse([lx, ly + 3, lx + 12, ly + 15], fill=colour, outline="black")
         d.text((lx + 20, ly), f"{name} (n={len(xs)})", fill="black", font=font)
         ly += 24

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer 3 only training/ and eval/ may import retrinet/ and data/.
 LAYERS = {"common": 0, "unet": 1, "vae": 1, "clip": 1, "diffusion": 2, "retrinet": 3, "data": 3, "eval": 3,
           "training": 3, "train": 4, "sample": 4, "demo": 4}
-SIDEWAYS = {("training", "retrinet"), ("training", "data"), ("eval", "retrinet"), ("eval", "data")}
+SIDEWAYS = {("training", "retrinet"), ("training", "data"), ("eval", "retrinet"), ("eval", "data"), ("eval", "training")}
 ENTRY_POINTS = {"train", "sample", "demo"}
 
 
