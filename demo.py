@@ -97,18 +97,6 @@ def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
             for key, ident in sorted(load_identities(root).items()) if len(ident["ids"]) >= 2]
 
 
-def load_run(run: Path, ckpt: Path, raw: bool = False):
-    """The tiny base of a demo run (run/base.safetensors + base-config.json) and the model of a
-    checkpoint folder on it, for evaluation: its weight average (ema.safetensors) when training kept
-    one and not `raw`, else its weights. Returns (sd, model, the file used)."""
-    from diffusion.sd15 import load_configs, load_sd15
-    from retrinet import RetriUNet
-    from training.ema import EMA_FILE
-    sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
-    file = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() and not raw else ckpt / "retrinet.safetensors"
-    return sd, RetriUNet.load(file, sd.unet).eval(), file
-
-
 def reference_image(path: Path, background: str = "keep"):
     """A held-out image as a reference, prepared as training prepared references: with
     background "white", the figure on white through its mask (data.synthetic writes the mask of
@@ -306,6 +294,7 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
         train_minutes = training_minutes(out)
 
     heldout = heldout_references(heldout_root)
+    from training.presets import load_run
     sd, model, model_file = load_run(run, ckpt, raw=args.raw_weights)
     images, identities = sample_heldout(sd, model, heldout, args)
     import numpy as np

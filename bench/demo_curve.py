@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     import demo
     from eval.identity_score import score
     from training.checkpoints import checkpoint_dirs, read_state
+    from training.presets import load_run
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="a demo's --out")
     ap.add_argument("--every", type=int, default=1, help="score every N-th checkpoint")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         saved = json.loads(state["args"])
         step = state["step"]
         minutes = minutes_at(run / "log.jsonl", saved["batch_size"], step)
-        sd, model, file = demo.load_run(run, ckpt)
+        sd, model, file = load_run(run, ckpt)
         images, identities = demo.sample_heldout(sd, model, heldout, demo_args)
         r = score(images, identities, seed=demo_args.seed)
         row = {"step": step, "minutes": round(minutes, 2), "model_file": file.name,

@@ -229,28 +229,13 @@ def references_for(method: str) -> int:
 # Sampling and scoring
 # ----------------------------------------------------------------------------------------------
 
-def load_run(run: Path, method: str):
-    """The tiny base of a run and the weight average of its last checkpoint (or its weights when it
-    kept no average), with its image encoder for the IP-Adapter. Returns (sd, model)."""
-    from clip import load_image_encoder
-    from diffusion.sd15 import load_configs, load_sd15
-    from retrinet import load_reference_model
-    from training.checkpoints import checkpoint_dirs
-    from training.ema import EMA_FILE
-    sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
-    ckpt = checkpoint_dirs(run)[-1]
-    file = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() else ckpt / "retrinet.safetensors"
-    encoder = load_image_encoder(run / "image-encoder").eval() if method == "ip-adapter" else None
-    return sd, load_reference_model(file, sd.unet, image_encoder=encoder).eval()
-
-
 def sample_run(run: Path, method: str, plan: list[dict], args) -> np.ndarray:
     """`args.samples` uint8 images per plan entry: the prompt's scene, the method's references."""
     from common.images import open_image
     from retrinet import generate
-    from training.presets import PRESETS
+    from training.presets import PRESETS, load_run
     res, ref_res = PRESETS["tiny"]["resolution"], PRESETS["tiny"]["ref_resolution"]
-    sd, model = load_run(run, method)
+    sd, model, _ = load_run(run)
     k = references_for(method)
     images = []
     for i, entry in enumerate(plan):

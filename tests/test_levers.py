@@ -13,12 +13,12 @@ import train
 from data.synthetic import generate
 from diffusion.schedule import NoiseSchedule
 from retrinet import RetriUNet
+from test_train import FAST as TRAIN_FAST
 from training.checkpoints import read_state
 from training.ema import EMA, EMA_FILE
 from training.objective import lr_at, snr_weight
 
-FAST = ["--preset", "tiny", "--resolution", "16", "--ref-resolution", "8", "--batch-size", "4", "--warmup", "2",
-        "--log-every", "1", "--val-count", "1", "--val-steps", "2", "--seed", "5"]
+FAST = [*TRAIN_FAST[:-1], "5"]   # test_train's fast tiny run, seed 5
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,24 @@ def save_base(sd: StableDiffusion, out: Path) -> tuple[Path, Path]:
     return weights, configs
 
 
+def load_run(run: Path, ckpt: Path | None = None, raw: bool = False):
+    """A tiny run for evaluation: the base it saved (save_base) and the conditioning model of its
+    checkpoint folder `ckpt` (default: the last) on it, read from its weight average (ema.safetensors)
+    when training kept one and not `raw`, else from its weights; an IP-Adapter gets the run's image
+    encoder (image_encoder_for). Returns (sd, model in eval mode, the file used)."""
+    from diffusion.sd15 import load_configs, load_sd15
+    from retrinet import inspect_checkpoint, load_reference_model
+    from training.checkpoints import checkpoint_dirs
+    from training.ema import EMA_FILE
+    run = Path(run)
+    sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
+    ckpt = checkpoint_dirs(run)[-1] if ckpt is None else Path(ckpt)
+    file = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() and not raw else ckpt / "retrinet.safetensors"
+    encoder = (load_image_encoder(run / "image-encoder").eval() if inspect_checkpoint(file).method == "ip-adapter"
+               else None)
+    return sd, load_reference_model(file, sd.unet, image_encoder=encoder).eval(), file
+
+
 def image_encoder_for(args, out: Path, rank: int) -> CLIPVisionModelWithProjection:
     """The IP-Adapter's frozen CLIP image encoder: --image-encoder's weights for sd15; for the tiny
     preset a small random one drawn from the seed (so every process and every resumed run has the
