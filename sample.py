@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.options import CONCEPTS, PRECISIONS
+from common.options import COMPILE_DEFAULT, COMPILE_HELP, CONCEPTS, PRECISIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", default=None, help="JSON with unet / vae / text_encoder configs for weights that "
                                                    "are not SD v1.5's shape (diffusers folders carry their own)")
     ap.add_argument("--out", default="outputs", help="output folder (created if missing)")
+    ap.add_argument("--compile", nargs="?", const=COMPILE_DEFAULT, default=None, metavar="BACKEND", help=COMPILE_HELP)
     refs = ap.add_argument_group("references (RetriNet)")
     refs.add_argument("--retrinet", default=None,
                       help="a train.py checkpoint file (retrinet.safetensors, or ema.safetensors: its weight "
@@ -74,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> list[str]:
     """Every problem with the arguments, found before any model is built; resolves --device and
     --precision."""
-    from common.options import default_precision, device_problems, out_problems, resolve_device
+    from common.options import compile_problems, default_precision, device_problems, out_problems, resolve_device
     from diffusion.sd15 import sampling_problems
     problems = sampling_problems(weights=args.weights, config=args.config, sampler=args.sampler, height=args.height,
                                  width=args.width, steps=args.steps, num=args.num, seed=args.seed,
@@ -83,6 +84,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     args.device = resolve_device(args.device)
     args.precision = args.precision or default_precision(args.device)
     problems += device_problems(args.device, args.precision)
+    problems += compile_problems(args.compile)
     problems += check_references(args)
     problems += out_problems(args.out)
     return list(dict.fromkeys(problems))  # a bad --config is found by two checks: say it once
@@ -180,6 +182,8 @@ def main(argv=None) -> int:
         except (CheckpointError, ValueError) as e:
             print(f"sample.py: error: {e}", file=sys.stderr)
             return 1
+    if args.compile:  # the denoiser runs every step: compiled in place (its weights and their names stay)
+        (model if model is not None else sd.unet).compile(backend=args.compile, fullgraph=True)
     from common.images import save_png
     out = Path(args.out)
     try:

@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.options import PRECISIONS
+from common.options import COMPILE_DEFAULT, COMPILE_HELP, PRECISIONS, compile_problems
 
 # Intel MKL chooses kernels by memory alignment unless told otherwise, so a resumed process can round
 # differently from the uninterrupted one (measured on a Xeon with one thread per process: 1-ulp weight
@@ -127,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--precision", choices=list(PRECISIONS), default=None,
                      help="default: the preset's (fp32; fp16 for sd15-256)")
     run.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in E and the decoder")
+    run.add_argument("--compile", nargs="?", const=COMPILE_DEFAULT, default=None, metavar="BACKEND",
+                     help=COMPILE_HELP + "; the model's forward and the loss, backward included")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--workers", type=int, default=None, help="data loader processes per training process")
     run.add_argument("--time-limit", type=float, default=0,
@@ -212,6 +214,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.preset == "tiny" and args.lock != "none":
         problems.append("--preset tiny trains its base U-Net from scratch: only --lock none applies")
     problems += device_problems(args)
+    problems += compile_problems(args.compile)
     problems += out_problems(args)
     if args.resume and args.resume != "latest" and not (Path(args.resume) / "state.pt").is_file():
         problems.append(f"--resume {args.resume}: not a checkpoint folder (no state.pt)")
@@ -389,7 +392,7 @@ class Run:
         from torch.nn.parallel import DistributedDataParallel as DDP
         from training.ema import EMA
         from training.guard import LastGood
-        from training.objective import Conditioning
+        from training.objective import Conditioning, denoising_loss
         self.args, self.rank, self.world, self.device, self.out = args, rank, world, device, out
         self.dataset, self.progress = dataset, progress
         self.master = rank == 0
@@ -407,6 +410,11 @@ class Run:
         self.amp = (torch.autocast(device.type, dtype=getattr(torch, PRECISIONS[args.precision]))
                     if args.precision != "fp32" else contextlib.nullcontext())
         self.text = Conditioning(self.sd)
+        # --compile: the gradient half of the loss (the model's forward, the loss, and so the backward)
+        # as one graph; the per-sample draws and frozen encoders (draw_step) stay eager. Under DDP its
+        # forward's Python hooks run between graphs (dynamo cuts the graph at DDP's buckets anyway).
+        self.loss_fn = (torch.compile(denoising_loss, backend=args.compile, fullgraph=world == 1) if args.compile
+                        else denoising_loss)
         self.step_count, self.skipped, self.bad_in_row = 0, 0, 0
         # The guard (training/guard.py): the state before the last update, which the next step confirms.
         self.last_good = LastGood(self.params, self.optimizer, self.scaler)
@@ -506,7 +514,7 @@ class Run:
                 with self.amp:
                     loss = diffusion_loss(self.ddp, self.sd, self.sd.schedule, self.text, batch, epoch=epoch,
                                           seed=args.seed, face_weight=args.face_weight, ref_drop=args.ref_drop,
-                                          snr_gamma=args.snr_gamma)
+                                          snr_gamma=args.snr_gamma, loss_fn=self.loss_fn)
                 self.scaler.scale(loss * (weight / args.grad_accum)).backward()
             losses.append(loss.detach().float())
         self.progress.at(f"the loss all-reduce of step {n}")

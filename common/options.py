@@ -1,5 +1,6 @@
 """Choice lists and checks that several command lines offer, each defined once (sample.py,
-eval.protocol, python -m eval): precisions, concepts, devices, finite numbers, a writable --out."""
+eval.protocol, python -m eval, train.py): precisions, concepts, devices, torch.compile backends,
+finite numbers, a writable --out."""
 from __future__ import annotations
 
 import math
@@ -46,6 +47,23 @@ def cuda_problems(device: str) -> list[str]:
         return [f"--device {device}: CUDA is not available here"]
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"]
+    return []
+
+
+# --compile [BACKEND]: torch.compile's default backend when the flag comes without a value.
+COMPILE_DEFAULT = "inductor"
+COMPILE_HELP = ("torch.compile the denoiser, whole-graph (fullgraph=True); BACKEND defaults to inductor (a GPU, or a "
+                "C++ compiler on the CPU); aot_eager checks the graph capture without generating code")
+
+
+def compile_problems(backend: str | None) -> list[str]:
+    """--compile BACKEND must be a backend torch.compile knows (nothing to say when not given)."""
+    if backend is None:
+        return []
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        return [f"--compile {backend}: not a torch.compile backend; expected one of {', '.join(sorted(known))}"]
     return []
 
 

@@ -58,6 +58,14 @@ class ReferenceUNet(nn.Module):
         """The parts of the added module that LockB freezes."""
         raise NotImplementedError
 
+    def _like_unet(self, module: nn.Module) -> nn.Module:
+        """`module` on the U-Net's device in its dtype; moved only when it is not there already (so
+        no tensor is replaced needlessly: fake tensors, as bench/memory.py builds models, cannot be)."""
+        p = next(self.unet.parameters())
+        if any(t.device != p.device or t.dtype != p.dtype for t in module.parameters()):
+            module.to(p.device, p.dtype)
+        return module
+
     def _init_encoder_from_unet(self, encoder: nn.Module) -> None:
         """The added encoder starts as a copy of SD's encoder half (ControlNet's `tool_add_control`)."""
         own = encoder.state_dict()

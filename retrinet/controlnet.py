@@ -71,8 +71,7 @@ class ControlNetUNet(ReferenceUNet):
     def __init__(self, unet: UNet, lock: str = "decoder", hint_channels: int = 3, hint_downscale: int = 8,
                  train_base: bool = False):
         super().__init__(unet, ControlNetConfig(hint_channels, hint_downscale))
-        p = next(unet.parameters())
-        self.control = ControlNet(unet.config, hint_channels, hint_downscale).to(p.device, p.dtype)
+        self.control = self._like_unet(ControlNet(unet.config, hint_channels, hint_downscale))
         self._init_encoder_from_unet(self.control)
         self.set_lock(lock, train_base)
 

@@ -191,8 +191,7 @@ class IPAdapterUNet(ReferenceUNet):
     def __init__(self, unet: UNet, image_embed_dim: int = 768, num_tokens: int = 4, lock: str = "decoder",
                  train_base: bool = False, image_encoder: nn.Module | None = None):
         super().__init__(unet, IPAdapterConfig(image_embed_dim, num_tokens))
-        p = next(unet.parameters())
-        self.adapter = IPAdapter(unet.config, image_embed_dim, num_tokens).to(p.device, p.dtype)
+        self.adapter = self._like_unet(IPAdapter(unet.config, image_embed_dim, num_tokens))
         if len(self.adapter.layers) != unet.num_transformer_blocks:
             raise ValueError(f"the U-Net has {unet.num_transformer_blocks} transformer blocks, its config "
                              f"describes {len(self.adapter.layers)}")

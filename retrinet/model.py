@@ -75,8 +75,8 @@ class ReferenceCrossAttention(nn.Module):
             counts = [fk.shape[-2] * fk.shape[-1] for fk in f]
         # kv: every token of the K references as one set (B, sum of h_k w_k, C)
         mask = None
-        if ref_mask is not None:
-            mask = ref_mask.repeat_interleave(torch.tensor(counts, device=h.device), dim=1)
+        if ref_mask is not None:  # each reference's flag over its tokens (shapes known when traced)
+            mask = torch.cat([ref_mask[:, i, None].expand(b, n) for i, n in enumerate(counts)], dim=1)
         if self.null is not None:  # the null token is the last key, visible only to dropped samples
             drop = torch.zeros(b, dtype=torch.bool, device=h.device) if ref_drop is None else ref_drop
             kv = torch.cat([kv, self.null.to(kv.dtype).expand(b, 1, c)], dim=1)
@@ -146,10 +146,9 @@ class RetriNet(nn.Module):
         (unless they use the null reference)."""
         res = [zc(attn(h, f, ref_mask, ref_drop)) for h, f, attn, zc in
                zip(skips + [middle], features, self.cross_attn, self.zero_convs)]
-        if ref_mask is not None:
+        if ref_mask is not None:  # always multiplied (by 1 where kept): no branch on tensor values
             keep = ref_mask.any(dim=1) if ref_drop is None else ref_mask.any(dim=1) | ref_drop
-            if not keep.all():
-                res = [r * keep.to(r.dtype)[:, None, None, None] for r in res]
+            res = [r * keep.to(r.dtype)[:, None, None, None] for r in res]
         return res
 
 
@@ -174,8 +173,7 @@ class RetriUNet(ReferenceUNet):
     def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", null_reference: bool = False,
                  train_base: bool = False, norm: str = "layer"):
         super().__init__(unet, RetriNetConfig(heads, null_reference, norm))
-        p = next(unet.parameters())
-        self.retrinet = RetriNet(unet.config, heads, null_reference, norm).to(p.device, p.dtype)
+        self.retrinet = self._like_unet(RetriNet(unet.config, heads, null_reference, norm))
         self._init_encoder_from_unet(self.retrinet.encoder)
         self.set_lock(lock, train_base)
 

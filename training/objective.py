@@ -54,36 +54,58 @@ def snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.
 
 def diffusion_loss(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning, batch: dict,
                    *, epoch: int, seed: int, face_weight: float, ref_drop: float,
-                   snr_gamma: float = 0.0) -> torch.Tensor:
+                   snr_gamma: float = 0.0, loss_fn=None) -> torch.Tensor:
     """Eq. 3 as docs/design.md section 5 defines it, per sample then averaged over the batch:
         L_i = sum_pixels valid * (1 + face_weight * face) * mean_c (eps - eps_theta)^2 / sum_pixels valid
     with the masks area-resized to latent resolution. A v-prediction schedule (the tiny preset) puts
     its target v in place of eps (`NoiseSchedule.target`). `snr_gamma` > 0 weights each L_i by
     `snr_weight` (not in the paper; train.py --snr-gamma). How the references enter depends on the
-    method (`CONDITIONS`). Runs under the caller's autocast."""
+    method (`CONDITIONS`). Runs under the caller's autocast.
+
+    Two halves: `draw_step` (the sample's randomness and the frozen encoders, no gradients) and
+    `denoising_loss` (the model and the loss, tensors only: what train.py --compile compiles; pass
+    the compiled function as `loss_fn`)."""
+    step = draw_step(model, sd, schedule, text, batch, epoch=epoch, seed=seed, face_weight=face_weight,
+                     ref_drop=ref_drop, snr_gamma=snr_gamma)
+    return (loss_fn or denoising_loss)(model, **step)
+
+
+@torch.no_grad()
+def draw_step(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning, batch: dict, *, epoch: int,
+              seed: int, face_weight: float, ref_drop: float, snr_gamma: float = 0.0) -> dict:
+    """The no-gradient half of `diffusion_loss`: each sample's timestep, noise and dropout draw, the
+    VAE and text encodings, the noised input x_t, the regression target and the loss weights, and
+    the method's inputs; the keyword arguments of `denoising_loss`."""
     device = sd.device
     gens = [sample_generator(seed, epoch, int(i)) for i in batch["index"]]
     images = batch["image"].to(device, non_blocking=True)
-    with torch.no_grad():
-        target = sd.vae.encode(images)
-        shape = target.mean.shape[1:]
-        t = torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=g) for g in gens]).to(device)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device)  # each sample's dropout draw
-        # Posterior samples (PixelSpace's posterior has std 0: its "latents" are exactly the pixels).
-        vae_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        x0 = (target.mean.float() + target.std.float() * vae_noise) * sd.latent_scale
-        x_t = schedule.add_noise(x0, noise, t)
-        method = getattr(model, "module", model)
-        inputs = CONDITIONS[method.method](method, sd, text, batch, gens, u, ref_drop)
-    out = model(x_t, t, **inputs)
+    target = sd.vae.encode(images)
+    shape = target.mean.shape[1:]
+    t = torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=g) for g in gens]).to(device)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(device)  # each sample's dropout draw
+    # Posterior samples (PixelSpace's posterior has std 0: its "latents" are exactly the pixels).
+    vae_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    x0 = (target.mean.float() + target.std.float() * vae_noise) * sd.latent_scale
+    method = getattr(model, "module", model)
+    inputs = CONDITIONS[method.method](method, sd, text, batch, gens, u, ref_drop)
     size = x0.shape[-2:]
     valid = F.interpolate(batch["valid"].to(device).float(), size=size, mode="area")
     face = F.interpolate(batch["face"].to(device).float(), size=size, mode="area")
-    err = (out.float() - schedule.target(x0, noise, t)).pow(2).mean(dim=1, keepdim=True)
-    per_sample = (err * valid * (1 + face_weight * face)).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp_min(1e-6)
-    if snr_gamma > 0:
-        per_sample = per_sample * snr_weight(schedule, t, snr_gamma)
+    return dict(x_t=schedule.add_noise(x0, noise, t), t=t, inputs=inputs, target=schedule.target(x0, noise, t),
+                valid=valid, face_factor=1 + face_weight * face,
+                sample_weight=snr_weight(schedule, t, snr_gamma) if snr_gamma > 0 else None)
+
+
+def denoising_loss(model, x_t, t, inputs: dict, target, valid, face_factor, sample_weight=None) -> torch.Tensor:
+    """The gradient half of `diffusion_loss`: the model's prediction and the masked, face-weighted
+    squared error, per sample, then averaged. No Python branch on tensor values, so
+    torch.compile(fullgraph=True) takes it whole, forward and backward."""
+    out = model(x_t, t, **inputs)
+    err = (out.float() - target).pow(2).mean(dim=1, keepdim=True)
+    per_sample = (err * valid * face_factor).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp_min(1e-6)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight
     return per_sample.mean()
 
 
@@ -121,9 +143,10 @@ def ip_adapter_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
     p_image, p_text, p_both = IP_ADAPTER_DROPS
     drop_image = (u < p_image) | ((u >= p_image + p_text) & (u < p_image + p_text + p_both))
     drop_text = (u >= p_image) & (u < p_image + p_text + p_both)
-    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop_text.tolist())]
+    # The empty prompt's embedding where the text is dropped, chosen on the device (no host sync).
+    context = torch.where(drop_text[:, None, None], text([""]), text(batch["prompt"]))
     embeds = model.encode_references(batch["refs"][:, 0].to(sd.device, non_blocking=True))
-    return dict(context=text(prompts), image_embeds=embeds * (~drop_image).to(embeds.dtype)[:, None])
+    return dict(context=context, image_embeds=embeds * (~drop_image).to(embeds.dtype)[:, None])
 
 
 CONDITIONS = {"retrinet": retrinet_inputs, "controlnet": controlnet_inputs, "ip-adapter": ip_adapter_inputs}
