@@ -368,8 +368,13 @@ def param_groups(model, params: list, scale: float) -> list:
 
 
 def make_optimizer(params, args, world: int):
+    """AdamW; on CUDA its fused kernel, which updates in place: torch's default there (foreach)
+    allocates temporaries the size of every trainable weight at once (3.4 GB for RetriNet's 0.92 G
+    trainable parameters; bench/memory.py)."""
     import torch
     kw = dict(lr=args.lr, betas=(0.9, 0.999), eps=args.adam_eps, weight_decay=args.weight_decay)
+    if args.device.startswith("cuda"):
+        kw["fused"] = True
     if args.zero and world > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kw)
@@ -402,8 +407,9 @@ class Run:
                  f"denoiser, {sum(p.numel() for p in self.params) / 1e6:.1f} M trainable ({args.method}, "
                  f"lock {args.lock}); {world} process(es) on {device}, {args.precision}")
         progress.at("the first weight broadcast (building DistributedDataParallel)")
-        self.ddp = (DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1
-                    else self.model)
+        # Gradients as views of DDP's all-reduce buckets: no second copy of them (bench/memory.py).
+        self.ddp = (DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                        gradient_as_bucket_view=True) if world > 1 else self.model)
         self.optimizer = make_optimizer(param_groups(self.model, self.params, args.added_lr_scale), args, world)
         self.ema = EMA(self.params, args.ema) if args.ema > 0 else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
