@@ -1,6 +1,7 @@
 """Benchmark: scoring speed of `python -m eval` with CLIP ViT-L/14, and what the paper's protocol costs.
 
     .venv/bin/python bench/eval.py [--images 24] [--texts 32] [--batch 8] [--device cpu] [--precision fp32]
+        [--report FILE]   # FILE: the results appended as Markdown table rows (bench/gpu.sh)
 
 Random ViT-L/14 weights (no download; speed does not depend on the values). Generated images are
 384 px PNGs written to a temporary folder; "images/s" is the whole path of the command (read, hash,
@@ -26,6 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import reporter  # noqa: E402
 from clip import CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, preprocess  # noqa: E402
 from common.options import PRECISIONS  # noqa: E402
 from eval.embed import FeatureExtractor, encode_images  # noqa: E402
@@ -47,7 +49,7 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=24, help="timed images (in batches of --batch, after one warm-up batch)")
     ap.add_argument("--texts", type=int, default=32, help="timed texts")
@@ -57,7 +59,12 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=list(PRECISIONS), default=None,
                     help="default: fp16 on CUDA, fp32 on the CPU (as python -m eval)")
-    args = ap.parse_args()
+    ap.add_argument("--report", metavar="FILE", default=None, help="append the results as Markdown table rows")
+    return ap.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
@@ -105,6 +112,8 @@ def main():
           f"{load_start:.2f} / {os.getloadavg()[0]:.2f}; CPU share of the timed runs "
           f"{min(cpu_share):.2f}-{max(cpu_share):.2f} (1 = all {torch.get_num_threads()} threads busy)")
     n_img, n_txt = 5000 + 100, 2 * (5000 + 100) + 5
+    report = reporter(args.report, "bench/eval.py")
+    setup = f"{args.device} {precision}, batch {args.batch}"
     rates = {}
     for label, times, unit in [(f"images ({args.size} px PNG: read, hash, decode, preprocess, encode)", t_images,
                                 "images"),
@@ -113,12 +122,16 @@ def main():
         median, best = args.batch / statistics.median(times), args.batch / min(times)
         rates[label] = (median, best)
         print(f"{label:<66} {median:7.2f} {unit}/s median, {best:7.2f} fastest of {len(times)} batches")
+        report(f"{label}, {setup}, median of {len(times)} batches", f"{median:.2f} {unit}/s", "", "")
     (img_med, img_best), _, (txt_med, txt_best) = rates.values()
     for what, img, txt in [("median", img_med, txt_med), ("fastest", img_best, txt_best)]:
         total = n_img / img + n_txt / txt
         print(f"projected for the 5000-image protocol from the {what} rates ({n_img} images, {n_txt} texts, empty "
               f"cache): {n_img / img / 60:.1f} min images + {n_txt / txt / 60:.1f} min texts = {total / 3600:.2f} h; "
               f"without VQA answers {(n_img / img + 5 / txt) / 3600:.2f} h")
+        if what == "median":
+            report(f"5000-image protocol projected from the median rates, {setup}", f"{total / 3600:.2f} h "
+                   f"({(n_img / img + 5 / txt) / 3600:.2f} h without VQA)", "", "")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ with; the plain SD U-Net step is measured beside it for scale.
     .venv/bin/python bench/retrinet.py                 # CPU fp32, default lock (E + cross-attn + decoder train)
     .venv/bin/python bench/retrinet.py --device cuda   # + CUDA fp16 autocast: time and peak memory,
                                                        #   gradient checkpointing off and on
+    .venv/bin/python bench/retrinet.py --device cuda --cuda-only --report bench-gpu.md   # CUDA alone, table rows
 
 On CUDA the reference cross-attention (2304 queries x K*2304 keys) is run with SDPA restricted to
 the fused flash / memory-efficient kernels, so a fallback to the math kernel (which materialises the
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import add_options, parse, reporter  # noqa: E402
 from retrinet import RetriUNet  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 
@@ -60,18 +62,34 @@ def run(model, k, device, dtype, warmup, repeats):
     return statistics.median(times), peak
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--refs", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=None)
-    args = ap.parse_args()
+    add_options(ap, cuda_only=True)
+    return parse(ap, argv)
+
+
+def rows(report, tag, what, sec, peak, repeats):
+    """The step time and (CUDA) peak memory of one configuration as table rows."""
+    setup = f"{what}, 384 px, batch 1, {tag.strip()}"
+    report(f"training step (fwd+bwd), {setup}, median of {repeats}", f"{sec:.3f} s/step")
+    if peak is not None:
+        report(f"peak memory of that step, {setup}", f"{peak:.2f} GiB")
+
+
+def main():
+    args = parse_args()
+    report = reporter(args.report, "bench/retrinet.py")
     print(f"RetriUNet training step, SD v1.5 size, 384 px (48x48 latents), batch 1, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads", flush=True)
-    for device, dtype in [("cpu", torch.float32)] + ([(args.device, torch.float16)] if args.device != "cpu" else []):
+    runs = [] if args.cuda_only else [("cpu", torch.float32)]
+    for device, dtype in runs + ([(args.device, torch.float16)] if args.device != "cpu" else []):
         torch.manual_seed(0)
-        unet = UNet(UNetConfig.sd15()).to(device).train()
-        model = RetriUNet(unet).train()
+        with torch.device(device):  # initialised where it runs: 860M parameters are slow to fill on the CPU
+            unet = UNet(UNetConfig.sd15()).train()
+            model = RetriUNet(unet).train()
         ckpts = (False, True) if device.startswith("cuda") else (False,)
         warmup, repeats = (1, args.repeats or 2) if device == "cpu" else (3, args.repeats or 10)
         for ckpt in ckpts:
@@ -83,10 +101,12 @@ def main():
                 p.requires_grad_(r)
             tag = f"{device} {'fp16 autocast' if device != 'cpu' else 'fp32'} checkpointing {'on ' if ckpt else 'off'}"
             print(f"{tag}  SD U-Net alone   {sec:8.3f} s/step" + (f"  peak {peak:6.2f} GiB" if peak else ""), flush=True)
+            rows(report, tag, "SD U-Net alone (whole U-Net trainable)", sec, peak, repeats)
             for k in args.refs:
                 sec, peak = run(model, k, device, dtype, warmup, repeats)
                 print(f"{tag}  RetriUNet K={k}    {sec:8.3f} s/step" + (f"  peak {peak:6.2f} GiB" if peak else ""),
                       flush=True)
+                rows(report, tag, f"RetriUNet K={k}", sec, peak, repeats)
         del model, unet
 
 

@@ -8,12 +8,16 @@ forward and backward, AdamW), timed through the same functions the training loop
         # with one reference (the paper's Supp. A.3; IP-Adapter with a random ViT-H/14 image encoder):
         # samples/s, peak memory, parameter counts, and the achieved fraction of the GPU's peak
         # (FLOPs counted by torch's FlopCounterMode)
+    .venv/bin/python bench/train.py --preset sd15 --device cuda --report bench-gpu.md [--estimate "14.2 GiB"]
+        # the same, also appended as Markdown table rows; --estimate (bench/memory.py's) goes beside
+        # the measured peak
 
 No reference implementation of RetriNet training exists to take a ratio against; the U-Net's own
 ratio to diffusers is bench/unet.py's. This script reports absolute throughput and, on a GPU, the
 fraction of peak that sets its ceiling.
 """
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -24,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from bench.report import reporter  # noqa: E402
 from data.dataset import RetriBooruDataset  # noqa: E402
 from retrinet import LOCKS, METHODS  # noqa: E402
 from data.synthetic import generate  # noqa: E402
@@ -60,7 +65,16 @@ def build_random_sd15(args, device):
     return sd, model
 
 
-def main():
+def gib(text: str) -> float:
+    """'14.2 GiB', '14.2 GB', '900 MiB' or a bare number of GiB -> GiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*(GiB|GB|MiB|MB)?", text.strip())
+    if not m:
+        raise ValueError("not a size")
+    scale = {None: 1.0, "GiB": 1.0, "GB": 1e9 / 2**30, "MiB": 1 / 1024, "MB": 1e6 / 2**30}
+    return float(m[1]) * scale[m[2]]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="tiny")
     ap.add_argument("--device", default="cpu")
@@ -71,7 +85,21 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--gpu", default="H100", help=f"peak table entry: {', '.join(PEAK_TFLOPS)}")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="tiny preset: autocast dtype")
-    a = ap.parse_args()
+    ap.add_argument("--report", metavar="FILE", default=None, help="append the results as Markdown table rows")
+    ap.add_argument("--estimate", default=None, metavar="SIZE",
+                    help="with --report: the estimated peak memory of this configuration (e.g. bench/memory.py's, "
+                         "'14.2 GiB'), written beside the measured one")
+    a = ap.parse_args(argv)
+    if a.estimate is not None:
+        try:
+            gib(a.estimate)
+        except ValueError as e:
+            ap.error(f"--estimate {a.estimate!r}: {e}; expected a size such as '14.2 GiB'")
+    return a
+
+
+def main():
+    a = parse_args()
     device = torch.device(a.device)
     tmp = tempfile.TemporaryDirectory()
     data = Path(a.data) if a.data else Path(tmp.name) / "syn"
@@ -92,6 +120,7 @@ def main():
         size = ["--resolution", "256"] if a.method != "retrinet" else []  # the paper's baselines: 256 px
         lock = ["--lock", a.lock] if a.lock else []
         args = train.parse_args(["--preset", a.preset, "--method", a.method, "--weights", "random", "--data", str(data),
+                                 "--device", a.device,  # make_optimizer: fused AdamW on CUDA
                                  "--out", tmp.name, "--precision", "fp16", "--checkpointing", *size, *lock])
         sd, model = build_random_sd15(args, device)
         amp, scaler = torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
@@ -138,8 +167,19 @@ def main():
           f"(fp32 weights + grads + AdamW state: {16 * n_train / 2**30:.2f} GiB)")
     print(f"step: median {median * 1e3:.1f} ms over {a.steps} -> {1 / median:.2f} steps/s, "
           f"{args.batch_size / median:.1f} samples/s")
+    report = reporter(a.report, "bench/train.py")
+    setup = (f"{a.preset} {args.method} lock {args.lock}, {args.resolution} px, K={args.refs}, "
+             f"batch {args.batch_size}, "
+             + ("fp16 autocast, checkpointing" if a.preset != "tiny" else f"{device} {args.precision}"))
+    report(f"training step, {setup}, median of {a.steps}",
+           f"{args.batch_size / median:.2f} samples/s ({median * 1e3:.1f} ms/step)")
     if device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak memory: {peak_gib:.2f} GiB")
+        estimate = gib(a.estimate) if a.estimate else None
+        report(f"peak memory (allocated), {setup}", f"{peak_gib:.2f} GiB",
+               f"estimate {estimate:.2f} GiB" if estimate else "",
+               f"{peak_gib / estimate:.3f}" if estimate else "")
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
             step()
@@ -147,6 +187,8 @@ def main():
         peak = PEAK_TFLOPS.get(a.gpu, float("nan")) * 1e12
         print(f"FLOPs per step: {flops / 1e12:.2f} T -> {flops / median / 1e12:.1f} TFLOP/s achieved, "
               f"{flops / median / peak:.1%} of the {a.gpu}'s {peak / 1e12:.0f} TFLOP/s fp16 peak")
+        report(f"achieved fp16 throughput, {setup}", f"{flops / median / 1e12:.1f} TFLOP/s",
+               f"{a.gpu} peak {peak / 1e12:.0f} TFLOP/s", f"{flops / median / peak:.1%}")
 
 
 if __name__ == "__main__":
