@@ -1,19 +1,20 @@
 """Peak training memory of the sd15 preset on a CUDA device, estimated on the CPU, and FLOPs per sample.
 
-    .venv/bin/python bench/memory.py                       # the whole table (about 25 min on 2 cores)
+    .venv/bin/python bench/memory.py                       # the whole table (about 20 min on 2 cores)
     .venv/bin/python bench/memory.py --method retrinet --lock none --resolution 384 --refs 2 \\
-        --precision fp32 --checkpointing [--zero 2]        # one row
+        --precision fp32 --checkpointing [--zero 2]        # one row, and "estimated peak: X GiB"
+    .venv/bin/python bench/memory.py --goals               # the memory goals, before and after
     .venv/bin/python bench/memory.py --check               # the estimator against a measured CPU step
     .venv/bin/python bench/memory.py --flops               # FLOPs per training sample, and the paper's rate
 
 How. The models are built under FakeTensorMode: every tensor has its shape, dtype and storage size
 but no data, so SD-size models cost nothing to build and a training step costs only its Python.
-One optimisation step is run as train.py runs it (training.objective.diffusion_loss on a batch of
-the recipe's shape: VAE and text encoding, the method's forward and backward, the GradScaler under
-fp16, clip_grad_norm_, AdamW as it defaults on CUDA (foreach), gradients set to None), twice, so that
-the second step starts with AdamW's state allocated, under torch's MemTracker, which adds up the live
-storages after every operation by category (parameters, buffers, gradients, optimizer state,
-activations, temporaries of the backward) and keeps the peak.
+The optimisation step runs as train.py runs it (training.objective.diffusion_loss on a batch of the
+recipe's shape: VAE and text encoding, the method's forward and backward, the GradScaler under
+fp16, clip_grad_norm_, AdamW as train.py makes it on CUDA (fused), gradients set to None), twice;
+the second step, which starts with AdamW's state allocated, is measured by `PeakMemory`, which adds
+up the live storages after every operation by category (parameters, buffers, gradients, DDP
+buckets, AdamW, activations, the backward's temporaries) and keeps the peak.
 
 Why the CPU device. PyTorch's autograd engine asks the CUDA driver for a stream even for fake
 tensors, so a backward pass cannot run on fake CUDA tensors without a GPU. The step therefore runs on
@@ -22,14 +23,14 @@ fake CPU tensors, with what differs on CUDA put back:
   sum, upsampling and the losses in fp32 (their outputs, saved for backward, are fp32), the CPU
   leaves them in fp16. `cuda_autocast_policy` registers CUDA's kernels for those ops on the CPU's
   autocast key for the duration of the estimate (the op lists of ATen's autocast_mode.h);
-* AdamW: foreach, as torch picks on CUDA (on the CPU it would update tensor by tensor, without the
-  whole-model temporaries the foreach kernels allocate);
+* AdamW: the CUDA build's choice, given explicitly (fused, or with --foreach-adamw torch's CUDA
+  default, whose temporaries are the size of all trainable weights);
 * attention: the CPU's fused flash kernel, which like CUDA's flash and memory-efficient kernels
-  keeps the output and the log-sum-exp, never the score matrix.
-Left out: the CUDA caching allocator's rounding (512 bytes per tensor) and fragmentation (a real
-run's reserved memory exceeds its allocated peak, typically by 5-15%), the CUDA context and cuDNN /
-cuBLAS workspaces (about 0.5-1 GB), NCCL buffers, and DDP's gradient buckets (one copy of the
-trainable fp32 gradients per process, shown apart for --zero).
+  keeps the output and the log-sum-exp, never the score matrix;
+* storages are counted in the 512-byte blocks of CUDA's caching allocator.
+Left out: the allocator's fragmentation (a real run's reserved memory exceeds its allocated peak,
+typically by 5-15%), the CUDA context and cuDNN / cuBLAS workspaces (about 0.5-1 GB), NCCL buffers,
+kernels' internal scratch memory.
 
 The anchor: diffusers' ControlNet training step as examples/controlnet/train_controlnet.py sets it
 up (ControlNetModel.from_unet trainable in fp32 under fp16 autocast; UNet2DConditionModel, VAE and
@@ -77,16 +78,10 @@ def _lower(x):
     return isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
 
 
-@contextlib.contextmanager
-def fake_tensors():
-    """FakeTensorMode, with Module.to() swapping tensors (a fake tensor cannot take another's data)."""
-    swap = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
-        with FakeTensorMode():
-            yield
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(swap)
+def fake_tensors() -> FakeTensorMode:
+    """Tensors made inside have shapes, dtypes and storage sizes but no data. (Module.to cannot
+    convert them: `cast_` does.)"""
+    return FakeTensorMode()
 
 
 @contextlib.contextmanager
@@ -259,7 +254,8 @@ class PeakMemory(TorchDispatchMode):
             self.now[category] = self.now.get(category, 0) + entry[0]
 
     def track(self, *objects) -> None:
-        """Register what exists already: modules' parameters and buffers, an optimizer's state."""
+        """Register what exists already: modules' parameters and buffers (gradients of trainable ones
+        are moved to "gradients" as they are accumulated)."""
         for obj in objects:
             if isinstance(obj, torch.nn.Module):
                 for t in obj.parameters():
@@ -285,7 +281,8 @@ class PeakMemory(TorchDispatchMode):
 
 class Steps:
     """Optimisation steps as train.py's Run.step takes them (one micro-batch each), with AdamW as
-    torch picks it on CUDA; `mem`, when given, follows the phase of each step."""
+    train.py makes it on CUDA (fused) or as torch defaults there (foreach); `mem`, when given,
+    follows the phase of each step."""
 
     def __init__(self, sd, model, recipe: Recipe):
         from training.objective import Conditioning
