@@ -19,13 +19,15 @@ processes x batch size x accumulation (paper: 1 x 8). The DDP gradient all-reduc
 micro-batch only. Rank 0 writes everything under --out: log.jsonl (one JSON line per logged step),
 args.json, checkpoints/step-NNNNNN/ (retrinet.safetensors + state.pt), samples/step-NNNNNN.png.
 `--resume` continues from the last checkpoint with the same losses and weights as a run that was
-never stopped; it refuses settings that would change what the checkpoint's weights or data position
+never stopped (and starts afresh when there is none, so under `torchrun --max-restarts N` a group
+restarted after a worker died picks up where the last complete checkpoint left off); it refuses settings that would change what the checkpoint's weights or data position
 mean (training/checkpoints.py RESUME_FIXED), notes the others that changed, and cuts log.jsonl back
 to the resumed step. SIGTERM / SIGINT save a checkpoint at the next step boundary and exit cleanly.
 A step whose loss, gradient or update is not finite is skipped and the weights go back to the last
 finite ones (training/guard.py); MAX_BAD_STEPS of them in a row save those and stop with status 3.
 A collective that waits longer than --ddp-timeout names the processes that did not answer
-(training/distributed.py). Exit status: 0 done (or stopped by a signal / the time limit), 2 bad
+(training/distributed.py). Under several processes --out must be one folder they all see (on several
+nodes, a shared filesystem): that is checked at the start. Exit status: 0 done (or stopped by a signal / the time limit), 2 bad
 arguments (nothing built or written), 1 a failure after that (one line; the checkpoints written
 before are kept), 3 the non-finite stop. Problems are one line each on stderr, "train.py: error: ...".
 The tiny preset also writes base.safetensors + base-config.json, so that sample.py can load it:
@@ -136,7 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--save-every", type=int, default=500)
     run.add_argument("--keep", type=int, default=3, help="checkpoints kept (0: all)")
     run.add_argument("--resume", nargs="?", const="latest", default=None,
-                     help="continue from the last checkpoint in --out, or from the given checkpoint folder")
+                     help="continue from the last checkpoint in --out, or from the given checkpoint folder; with "
+                          "no checkpoint there, start afresh. Give it under torchrun --max-restarts: a restarted "
+                          "group then continues from the last complete checkpoint")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--val-every", type=int, default=0, help="validation grid period (0: at the end only)")
     run.add_argument("--val-data", default=None, help="RetriBooru root of the validation samples (default --data)")
@@ -839,6 +843,11 @@ def main(argv=None) -> int:
         progress.at("the start (waiting for process 0 to prepare --out)")
         if (all_sum([problem is not None], world)[0] if world > 1 else problem is not None):
             raise TrainingError(problem or "process 0 could not prepare --out (see its message)")
+        if world > 1:
+            from training.distributed import shared_out_problem
+            problem = shared_out_problem(out, state["step"] if state is not None else None, rank, world)
+            if problem:
+                raise TrainingError(problem)
         try:
             run = Run(args, rank, world, device, out, dataset, progress)
             if args.resume:

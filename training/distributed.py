@@ -119,3 +119,36 @@ class Progress:
                             for r, w in sorted(silent.items()))
         return (f"process {self.rank}: {self.where} {how}: {who}. The checkpoints written before are kept; "
                 f"continue with --resume once every process runs")
+
+
+def shared_out_problem(out, resumed_step: int | None, rank: int, world: int) -> str | None:
+    """Whether every process sees the same --out (on several nodes it must be a filesystem they all
+    mount) and resumes from the same checkpoint. Process 0 writes a file with a fresh token into
+    --out; each process reads it back; the processes exchange what they saw (one collective).
+    Returns the problem as one line, the same on every process, or None."""
+    import secrets
+    from pathlib import Path
+    marker = Path(out) / ".shared-out-check"
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    if rank == 0:
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        sees = marker.read_text() == token[0]
+    except OSError:
+        sees = False
+    seen = [None] * world
+    dist.all_gather_object(seen, (sees, resumed_step, os.uname().nodename))
+    dist.barrier()
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"process {r} on {host}" for r, (ok, _, host) in enumerate(seen) if not ok]
+    if blind:
+        return (f"--out {out} is not shared: {', '.join(blind)} cannot see what process 0 wrote there; on several "
+                f"nodes --out must be on a filesystem every node mounts at the same path")
+    steps = {step for _, step, _ in seen}
+    if len(steps) > 1:
+        return (f"--resume: the processes found different last checkpoints in --out {out} (steps "
+                f"{', '.join(str(s) for s in sorted(steps, key=lambda s: -1 if s is None else s))}); is a checkpoint "
+                f"being written by another run?")
+    return None
