@@ -30,3 +30,16 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|."""
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def bench_module(name: str):
+    """The script bench/<name>.py as a module (bench/ is scripts, not a package the tests import)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """bench/gpu.sh, the one command that runs every CUDA measurement: its syntax, the commands of its
 dry run (each accepted by its script's parse_args), the --report row writer, and, with a stand-in
 for python, what it records when commands fail, write nothing, or run out of time. No GPU needed."""
-import importlib.util
 import os
 import re
 import shlex
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import bench_module
 from training.presets import METHOD_DEFAULTS, PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,14 +20,6 @@ LOCKS = ("none", "decoder", "both")
 PAIRS = [(m, lock) for m in METHODS for lock in LOCKS if (m, lock) != ("ip-adapter", "both")]  # no LockB for it
 # What bench/train.py trains at: RetriNet at the sd15 preset's size with its K, the baselines at 256 px.
 TRAIN_SHAPE = {"retrinet": (384, 2), "controlnet": (256, 1), "ip-adapter": (256, 1)}
-
-
-def bench_module(name):
-    spec = importlib.util.spec_from_file_location(f"gpu_script_bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def cells(line: str) -> list[str]:

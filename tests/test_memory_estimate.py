@@ -1,24 +1,16 @@
 """bench/memory.py, the CUDA training-memory estimate made on the CPU: its tracker against known
 allocations, against a measured training step, CUDA's autocast policy on the CPU, ZeRO's shards,
 the FLOPs of the CPU's attention kernel, and one SD-size estimate against the 24 GB goal."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("memory")
 
 
 def test_tracker_counts_known_allocations_by_category(memory):

@@ -361,10 +361,8 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     assert again["sampling"]["sampler"] == "dpmpp_2m" and len(json.loads(json.dumps(again["counts"]))) == 5
     assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["step-000002"]
     # bench/demo_curve.py scores every checkpoint of the run the same way.
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo_curve", ROOT / "bench" / "demo_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    from helpers import bench_module
+    curve = bench_module("demo_curve")
     assert curve.main(["--out", str(out), "--demo-args", "--samples", "1", "--sample-steps", "2",
                        "--ref-guidance", "2"]) == 0
     rows = json.loads((out / "curve.json").read_text())
