@@ -561,7 +561,9 @@ class Run:
                     updated = self.pending = True
                 else:
                     undone, self.weights_step = n, self.last_good.restore()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are views of its buckets: zeroed in place, they stay so; set to None,
+        # every step would allocate them again and copy them into the buckets.
+        self.optimizer.zero_grad(set_to_none=self.world == 1)
         self.step_count += 1
         if updated:
             self.weights_step = self.step_count

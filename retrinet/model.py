@@ -23,7 +23,7 @@ from PIL import Image
 
 from einops import rearrange
 
-from common.attention import attention, merge_heads, split_heads
+from common.attention import attention, merge_heads, project_tokens, split_heads
 from common.images import fit_and_pad
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
@@ -64,8 +64,8 @@ class ReferenceCrossAttention(nn.Module):
                 ref_drop: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, C, H, W); f (B, K, C, h, w), or a list of K (B, C, h_k, w_k) for references of
         different sizes; ref_mask (B, K) bool, True = real reference; ref_drop (B,) bool, True = use
-        the null reference instead of this sample's references -> (B, C, H, W)."""
-        b, c, hh, _ = h.shape
+        the null reference instead of this sample's references -> tokens (B, HW, C)."""
+        b, c = h.shape[:2]
         q = _normed_tokens(self.norm_q, h)                                    # (B, HW, C)
         if isinstance(f, torch.Tensor):  # K references of one size: one norm call for all
             kv = rearrange(_normed_tokens(self.norm_kv, f.flatten(0, 1)), "(b k) n c -> b (k n) c", b=b)
@@ -87,8 +87,7 @@ class ReferenceCrossAttention(nn.Module):
             # discards its result.
             mask = mask | ~mask.any(dim=1, keepdim=True)
         q, k, v = (split_heads(t, self.heads) for t in (self.to_q(q), self.to_k(kv), self.to_v(kv)))
-        out = self.to_out(merge_heads(attention(q, k, v, key_padding_mask=mask)))
-        return rearrange(out, "b (h w) c -> b c h w", h=hh)
+        return self.to_out(merge_heads(attention(q, k, v, key_padding_mask=mask)))
 
 
 def _normed_tokens(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -143,9 +142,11 @@ class RetriNet(nn.Module):
     def residuals(self, skips: list[torch.Tensor], middle: torch.Tensor, features: list[torch.Tensor],
                   ref_mask: torch.Tensor | None = None, ref_drop: torch.Tensor | None = None) -> list[torch.Tensor]:
         """zero_conv_i(CrossAttn_i(h_i, f_i)) for the 13 sites; zero for samples without references
-        (unless they use the null reference)."""
-        res = [zc(attn(h, f, ref_mask, ref_drop)) for h, f, attn, zc in
-               zip(skips + [middle], features, self.cross_attn, self.zero_convs)]
+        (unless they use the null reference). Each zero conv (1x1) runs on its attention's tokens as
+        one matmul, so that its weight's gradient has the weight's own layout (a conv on the tokens
+        seen as a map gave it other strides, which DDP copies into its buckets at every step)."""
+        res = [rearrange(project_tokens(zc, attn(h, f, ref_mask, ref_drop)), "b (h w) c -> b c h w", h=h.shape[2])
+               for h, f, attn, zc in zip(skips + [middle], features, self.cross_attn, self.zero_convs)]
         if ref_mask is not None:  # always multiplied (by 1 where kept): no branch on tensor values
             keep = ref_mask.any(dim=1) if ref_drop is None else ref_mask.any(dim=1) | ref_drop
             res = [r * keep.to(r.dtype)[:, None, None, None] for r in res]

@@ -166,6 +166,7 @@ def test_training_step_gradients_equal_diffusers():
         {"control." + n for n, _ in model.control.named_parameters()}
     assert all(p.grad is None for p in model.unet.parameters())
     assert all(p.grad is None for p in ref_unet.parameters())
+    assert all(p.grad.stride() == p.stride() for p in model.control.parameters())  # the layout DDP's buckets have
 
     ours = convert_controlnet_checkpoint({"control_model." + n: p.grad for n, p in model.control.named_parameters()},
                                          dcfg)

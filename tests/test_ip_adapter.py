@@ -173,6 +173,7 @@ def test_blocks_are_numbered_in_module_order():
 def _grads(model, x, t, ctx, embeds):
     model.zero_grad()
     model(x, t, ctx, embeds).square().mean().backward()
+    assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.grad is not None)  # DDP's bucket layout
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -71,6 +71,8 @@ def test_gradients_reach_exactly_the_trainable_parameters(lock):
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+            # the parameter's own layout, which DDP's bucket views have (else a copy per step and a warning)
+            assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
         else:
             assert p.grad is None, name
     assert {id(p) for p in model.trainable_parameters()} == {id(p) for n, p in model.named_parameters() if n in expect}

@@ -2,6 +2,7 @@
 machine acting as two nodes (one process each, gloo, c10d rendezvous on 127.0.0.1) train exactly as
 one process with the same global batch, and refuse an --out they do not share; under --max-restarts a
 killed worker's group is restarted and --resume ends the run as an uninterrupted one."""
+import json
 import os
 import signal
 import socket
@@ -91,3 +92,29 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(d
     assert "resumed from" in log and "step-000004" in log  # the restarted group resumed from step 4
     assert losses(out) == losses(tmp_path / "straight") and len(losses(out)) == 12
     assert max_diff(weights(out, 12), weights(tmp_path / "straight", 12)) == 0.0
+
+
+def test_ddp_gradients_are_its_buckets_with_no_copy_per_step(data, tmp_path):
+    """Under DDP every trainable parameter's gradient is a view of DDP's all-reduce buckets, the same
+    memory at every step (kept, zeroed, between steps: no gradient is allocated and copied into a
+    bucket per step), and the buckets hold the trainable parameters only (the frozen parts of the
+    model cost DDP no work per step). That each gradient comes with its parameter's layout, as the
+    buckets expect, is tested with each method's gradients (test_retrinet, test_controlnet,
+    test_ip_adapter)."""
+    out = tmp_path / "probe"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests" / "ddp_probe.py"), "--data", str(data), "--out", str(out),
+                        *map(str, FAST), "--resolution", "24", "--batch-size", "2", "--device", "cpu"],
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        probe = json.loads((out / f"probe-rank{rank}.json").read_text())
+        steps = probe["steps"]
+        assert all(g is not None for step in steps for g in step.values())
+        # DDP rebuilds its buckets once, in the order the gradients became ready in step 1; from then on
+        # the gradients are the same memory at every step
+        assert steps[1] == steps[2] != steps[0]
+        storages = {storage: size for _, storage, size in steps[1].values()}
+        assert sum(storages.values()) == probe["trainable_bytes"]  # a few flat buckets, trainable weights only
+        assert len(storages) < len(steps[0]) / 10
