@@ -259,8 +259,9 @@ class ClassifierFreeGuidance:
 def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, num: int = 1, steps: int = 50,
                   guidance: float = 7.0, sampler: str = "pndm", seed: int = 0, height: int = 512, width: int = 512,
                   progress: Callable[[int, int], None] | None = None,
-                  predictor: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
-    """Generate `num` images for one prompt; returns uint8 (num, H, W, 3) on the CPU.
+                  predictor: Callable[..., torch.Tensor] | None = None, decode: bool = True) -> torch.Tensor:
+    """Generate `num` images for one prompt; returns uint8 (num, H, W, 3) on the CPU, or with
+    `decode=False` the final latents (num, C, H/8, W/8) as sampled (diffusers' output_type="latent").
 
     `predictor(x, t, negative, context)` is the guided model output at one step, given the negative
     and the prompt embeddings (num, L, D) each; by default `ClassifierFreeGuidance(sd.unet,
@@ -291,6 +292,8 @@ def text_to_image(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *
         x = s.step(sd.schedule.to_eps(out, model_in, t), i, x, generator=generator)
         if progress:
             progress(i + 1, len(s.timesteps))
+    if not decode:
+        return x
     image = sd.vae.decode(x / sd.latent_scale)
     image = (image.float() / 2 + 0.5).clamp(0, 1)
     return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -9,8 +9,10 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from diffusers.models.attention_processor import AttnProcessor
 
+from bench.verify import original_config
 from helpers import randomize_, rel_err
 from unet import UNet, UNetConfig, diffusers_to_ldm
+from vae import VAEConfig
 
 SD_KEYS = json.loads((Path(__file__).parent / "data" / "ldm_sd15_keys.json").read_text())
 PREFIX = "model.diffusion_model."
@@ -21,17 +23,8 @@ SMALL = UNetConfig(in_channels=4, out_channels=4, model_channels=32, attention_r
 
 
 def ldm_yaml(cfg: UNetConfig) -> dict:
-    """The `original_config` dict diffusers' converters read from an LDM yaml."""
-    params = dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, model_channels=cfg.model_channels,
-                  attention_resolutions=list(cfg.attention_resolutions), num_res_blocks=cfg.num_res_blocks,
-                  channel_mult=list(cfg.channel_mult), transformer_depth=cfg.transformer_depth,
-                  context_dim=cfg.context_dim, use_linear_in_transformer=cfg.use_linear_in_transformer)
-    if cfg.num_head_channels == -1:
-        params["num_heads"] = cfg.num_heads
-    else:
-        params["num_head_channels"] = cfg.num_head_channels
-    return {"model": {"params": {"unet_config": {"params": params},
-                                 "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
+    """The `original_config` dict diffusers' converters read from an LDM yaml (SD v1.5's VAE beside)."""
+    return original_config(cfg, VAEConfig.sd15())
 
 
 def diffusers_twin(ours: UNet, cfg: UNetConfig) -> UNet2DConditionModel:

@@ -9,8 +9,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, crea
 from diffusers.models.attention_processor import AttnProcessor
 from safetensors.torch import save_file
 
+from bench.verify import original_config
 from common.weights import CheckpointError
 from helpers import randomize_, rel_err
+from unet import UNetConfig
 from vae import AutoencoderKL, VAEConfig, config_from_diffusers, diffusers_to_ldm, load_vae
 
 SD_KEYS = json.loads((Path(__file__).parent / "data" / "ldm_sd15_keys.json").read_text())
@@ -20,11 +22,8 @@ SMALL = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embe
 
 
 def ldm_yaml(cfg: VAEConfig) -> dict:
-    dd = dict(double_z=cfg.double_z, z_channels=cfg.z_channels, resolution=cfg.resolution, in_channels=cfg.in_channels,
-              out_ch=cfg.out_ch, ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-              attn_resolutions=list(cfg.attn_resolutions), dropout=0.0)
-    return {"model": {"params": {"scale_factor": 0.18215,
-                                 "first_stage_config": {"params": {"embed_dim": cfg.embed_dim, "ddconfig": dd}}}}}
+    """The `original_config` dict diffusers' converters read from an LDM yaml (SD v1.5's U-Net beside)."""
+    return original_config(UNetConfig.sd15(), cfg)
 
 
 def diffusers_twin(ours: AutoencoderKL, cfg: VAEConfig) -> HFAutoencoderKL:
