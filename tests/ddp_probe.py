@@ -1,6 +1,9 @@
-"""Run under torchrun by test_scale_out: train.py's Run for three steps, recording after each step
-where every trainable parameter's gradient lives, into --out/probe-rank{RANK}.json. Not a test
-itself: the test reads what it wrote."""
+"""Run under torchrun by test_scale_out; not a test itself, the test reads what it writes.
+
+    ddp_probe.py buckets TRAIN_ARGS...  train.py's Run for three steps, recording after each step where
+                                        every trainable parameter's gradient lives: --out/probe-rank{RANK}.json
+    ddp_probe.py restart OUT            under --max-restarts: whether a restarted group sees a key of
+                                        the first attempt in its store: OUT/restart.json"""
 import json
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import train
 from training.distributed import Progress
 
 
-def main(argv: list[str]) -> None:
+def buckets(argv: list[str]) -> None:
     args = train.parse_args(argv)
     out = Path(args.out)
     _, _, dataset, _ = train.prepare(args, out, processes=2, master=True)
@@ -31,5 +34,32 @@ def main(argv: list[str]) -> None:
     torch.distributed.destroy_process_group()
 
 
+def restart(out: str) -> int:
+    """The first attempt: process 0 writes a key into the process group's store, the last process
+    fails, the others wait (healthy) to be stopped. The next attempt: process 0 records whether it
+    sees that key, and every process's TORCHELASTIC_RESTART_COUNT."""
+    import os
+    import time
+    rank = int(os.environ["RANK"])
+    first = not Path(out, f"started-{rank}").exists()
+    Path(out, f"started-{rank}").touch()
+    rank, world, _ = train.setup_distributed("cpu", 1.0)
+    store = torch.distributed.distributed_c10d._get_default_store()
+    if first:
+        if rank == 0:
+            store.set("written-by-the-first-attempt", "1")
+        if rank == world - 1:
+            return 1
+        time.sleep(120)  # healthy until torchrun stops this attempt
+        return 1
+    counts = [None] * world
+    torch.distributed.all_gather_object(counts, int(os.environ["TORCHELASTIC_RESTART_COUNT"]))
+    if rank == 0:
+        sees = store.check(["written-by-the-first-attempt"])
+        Path(out, "restart.json").write_text(json.dumps({"sees_the_first_attempt": sees, "restart_counts": counts}))
+    torch.distributed.destroy_process_group()
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(buckets(sys.argv[2:]) if sys.argv[1] == "buckets" else restart(sys.argv[2]))

@@ -1,5 +1,6 @@
-"""train.py's processes: the process group (NCCL on CUDA, gloo on the CPU) with a finite timeout, the
-one collective of the step's scalars, and what a process says when a collective fails.
+"""train.py's processes: the process group (NCCL on CUDA, gloo on the CPU) with a finite timeout and a
+store prefix of its torchrun attempt's own, the one collective of the step's scalars, and what a
+process says when a collective fails.
 
 Every process records where it is (`Progress.at`: the step and the collective it is about to
 reach) in the rendezvous store. When a collective times out (--ddp-timeout) or loses a process, the
@@ -35,12 +36,51 @@ def setup_distributed(device: str, timeout_minutes: float):
         return 0, 1, torch.device(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     timeout = timedelta(minutes=timeout_minutes)
+    group = dict(store=store_of_this_attempt(rank, world, timeout), rank=rank, world_size=world, timeout=timeout)
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), **group)
         return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo", timeout=timeout)
+    dist.init_process_group("gloo", **group)
     return rank, world, torch.device("cpu")
+
+
+def store_of_this_attempt(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """torchrun's rendezvous store under a prefix that only this attempt's processes use.
+
+    torchrun keeps one store server across the restarts of `--max-restarts`, keys included, so a
+    restarted group would read what the group before it wrote: gloo then connects to a dead
+    process's address ("connectFullMesh failed ... Connection refused") and a later restart can wait
+    on stale keys for good. No value in that store tells this attempt from an earlier one, and
+    TORCHELASTIC_RESTART_COUNT differs between nodes (an agent restarted for a membership change does
+    not count it), so the processes agree on a fresh prefix: each posts a random nonce; process 0
+    answers every nonce it reads with its random token, under a key named by that nonce (no earlier
+    attempt can have written it), until every process has acknowledged the token under a key named
+    by the token."""
+    import secrets
+
+    from torch.distributed.rendezvous import rendezvous
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    if world == 1:
+        return store
+    if rank == 0:
+        token, waiting = secrets.token_hex(8), set(range(1, world))
+        deadline = time.monotonic() + timeout.total_seconds()
+        while waiting:
+            for r in sorted(waiting):
+                if store.check([f"{PREFIX}/hello/{r}"]):  # this attempt's nonce, or an earlier one's
+                    store.set(f"{PREFIX}/token-for/{store.get(f'{PREFIX}/hello/{r}').decode()}", token)
+                if store.check([f"{PREFIX}/token/{token}/{r}"]):
+                    waiting.discard(r)
+            if waiting and time.monotonic() > deadline:
+                raise dist.DistStoreError(f"timeout: processes {sorted(waiting)} did not join this attempt")
+            time.sleep(0.02)
+    else:
+        nonce = secrets.token_hex(8)
+        store.set(f"{PREFIX}/hello/{rank}", nonce)
+        token = store.get(f"{PREFIX}/token-for/{nonce}").decode()  # waits for process 0, up to the timeout
+        store.set(f"{PREFIX}/token/{token}/{rank}", "1")
+    return dist.PrefixStore(f"{PREFIX}/attempt-{token}", store)
 
 
 def all_sum(values: list, world: int) -> list[float]:
