@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          "--weights and --image-encoder")
     ap.add_argument("--image-encoder", help="the IP-Adapter's image encoder folder (config.json, model.safetensors)")
     ap.add_argument("--clip", help="a transformers CLIP folder (openai/clip-vit-large-patch14)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     ap.add_argument("--precision", choices=list(THRESHOLDS), default="fp32")
     ap.add_argument("--size", type=int, default=512, help="image size in pixels of the U-Net, VAE and sampling "
                                                           "rows (default 512; smaller is quicker on a CPU)")
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
         ours = load_ours(args)
         with tempfile.TemporaryDirectory() as scratch:
             theirs = load_theirs(args, ours, Path(scratch))
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, KeyError, RuntimeError) as e:  # the oracles' loading errors too
         print(f"bench.verify: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     print("bench.verify: comparing", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 the SD single file and the diffusers folder, an official ControlNet file, the official IP-Adapter file
 with its image encoder folder, a transformers CLIP folder) every row passes; with one tensor of our
 loaded model perturbed, the rows of that part fail and name it; bad input is refused in one line."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,8 @@ def test_the_failure_is_named_in_the_table_and_the_status(files, tmp_path, capsy
     (["--weights", "FILE", "--size", "100"], "--size 100: expected a positive multiple of 8 (the VAE's downscale)"),
     (["--weights", "FILE", "--steps", "0"], "--steps 0: expected at least 1"),
 ])
-def test_bad_arguments_are_refused_in_one_line(files, argv, line, capsys):
+def test_bad_arguments_are_refused_in_one_line(files, argv, line, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU-only machine
     argv = [str(files["single"]) if a == "FILE" else a for a in argv]
     args = verify.parse_args(argv)
     if line is None:
@@ -176,7 +178,7 @@ def test_missing_oracles_are_named_with_the_install_command(monkeypatch):
 
 def test_machine_report_from_the_command():
     r = subprocess.run([sys.executable, "-m", "bench.verify", "--machine"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # no GPU, wherever it runs
     assert r.returncode == 0, r.stderr
     assert "| torch | " + torch.__version__ + " |" in r.stdout and "no CUDA GPU visible" in r.stdout
     assert "--device cpu --precision fp32" in r.stdout
