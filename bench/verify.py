@@ -25,6 +25,10 @@ diffusers' IP-Adapter loader. The oracles are test-only dependencies (requiremen
 imported by this command alone. The configs of an SD single file are SD v1.5's unless --config
 (train.py's and sample.py's JSON) says otherwise; a diffusers folder carries its own.
 
+Memory: every model is loaded on the CPU (about 24 GB in fp32 with every file given) and each pair
+runs on --device for its rows only (at most about 12 GB in fp32: the IP-Adapter's two U-Nets and
+image encoders).
+
 Thresholds: fp32 1e-4 for every row. fp16 (CUDA only) 1e-2 for one pass and 3e-2 for a sampling
 run: each fp16 op rounds at 2^-11 relative, different kernels round differently through ~100
 layers, and a guided sampling run compounds ten such passes. Chosen from that arithmetic, not yet
@@ -33,6 +37,7 @@ measured on a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import tempfile
@@ -152,11 +157,12 @@ def import_oracles() -> str | None:
 # -- ours ---------------------------------------------------------------------------------------------
 
 def load_ours(args) -> SimpleNamespace:
-    """Our models from the given files, through this repository's loaders, on --device in --precision."""
+    """Our models from the given files, through this repository's loaders, in --precision, on the CPU
+    (`compare` moves each pair of models to --device for its rows only)."""
     from clip import load_clip, load_image_encoder
     from diffusion.sd15 import load_configs, load_sd15
     from retrinet import ControlNetUNet, load_ip_adapter
-    kw = dict(device=args.device, dtype=dtype_of(args))
+    kw = dict(device="cpu", dtype=dtype_of(args))
     ours = SimpleNamespace(sd=None, controlnet=None, ip_adapter=None, clip=None)
     if args.weights:
         ours.sd = load_sd15(args.weights, configs=load_configs(args.config) if args.config else None, **kw)
@@ -241,7 +247,7 @@ def hf_tokenizer(args, folder: Path):
 
 
 def load_theirs(args, ours, scratch: Path) -> SimpleNamespace:
-    """The oracles' models from the very same files, on --device in --precision."""
+    """The oracles' models from the very same files, in --precision, on the CPU."""
     import diffusers
     import transformers
     from diffusion.sd15 import model_configs
@@ -268,7 +274,7 @@ def load_theirs(args, ours, scratch: Path) -> SimpleNamespace:
         theirs.clip = transformers.CLIPModel.from_pretrained(args.clip)
     for name, model in vars(theirs).items():
         if isinstance(model, torch.nn.Module):
-            setattr(theirs, name, model.to(args.device, dtype).eval())
+            setattr(theirs, name, model.to("cpu", dtype).eval())
     return theirs
 
 
@@ -319,6 +325,21 @@ def seeded(*shape, low=None) -> torch.Tensor:
     return torch.rand(*shape, generator=g) if low == 0 else torch.randn(*shape, generator=g)
 
 
+@contextlib.contextmanager
+def on_device(device: str, *models):
+    """`models` on `device` for the rows that use them, then back on the CPU: the GPU holds one pair
+    of models at a time (with every file given, all of them in fp32 would take about 25 GB)."""
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def compare(args, ours, theirs) -> list[Row]:
     """Every row the given files allow, ours against theirs."""
@@ -335,29 +356,38 @@ def compare(args, ours, theirs) -> list[Row]:
         rows.append(Row("tokenizer", differ / len(ids), 0.0, f"{len(ids) - differ} of {len(ids)} prompts equal"))
 
         tokens = sd.tokenizer(PROMPTS).to(dev)
-        context = theirs.text(tokens).last_hidden_state
-        rows.append(Row("text encoder", rel_err(sd.text_encoder(tokens), context), limit["pass"], "last hidden state"))
+        with on_device(dev, sd.text_encoder, theirs.text):
+            context = theirs.text(tokens).last_hidden_state
+            rows.append(Row("text encoder", rel_err(sd.text_encoder(tokens), context), limit["pass"],
+                            "last hidden state"))
 
         f = sd.vae.config.downscale
         latents = seeded(2, sd.unet.config.in_channels, args.size // f, args.size // f).to(dev, dtype)
-        for t in TIMESTEPS:
-            tt = torch.full((2,), t, device=dev)
-            rows.append(Row(f"U-Net t={t}", rel_err(sd.unet(latents, tt, context),
-                                                      theirs.unet(latents, tt, context).sample), limit["pass"],
-                            "eps, batch 2"))
+        with on_device(dev, sd.unet, theirs.unet):
+            for t in TIMESTEPS:
+                tt = torch.full((2,), t, device=dev)
+                rows.append(Row(f"U-Net t={t}", rel_err(sd.unet(latents, tt, context),
+                                                          theirs.unet(latents, tt, context).sample), limit["pass"],
+                                "eps, batch 2"))
 
         image = (seeded(1, 3, args.size, args.size, low=0) * 2 - 1).to(dev, dtype)
-        rows.append(Row("VAE encode", rel_err(sd.vae.encode(image).mean, theirs.vae.encode(image).latent_dist.mean),
-                        limit["pass"], "posterior mean"))
-        rows.append(Row("VAE decode", rel_err(sd.vae.decode(latents[:1]), theirs.vae.decode(latents[:1]).sample),
-                        limit["pass"], "image"))
-        rows += sampling_rows(args, sd, theirs, limit["sampling"])
+        with on_device(dev, sd.vae, theirs.vae):
+            rows.append(Row("VAE encode", rel_err(sd.vae.encode(image).mean,
+                                                  theirs.vae.encode(image).latent_dist.mean), limit["pass"],
+                            "posterior mean"))
+            rows.append(Row("VAE decode", rel_err(sd.vae.decode(latents[:1]), theirs.vae.decode(latents[:1]).sample),
+                            limit["pass"], "image"))
+        with on_device(dev, sd.text_encoder, sd.unet, sd.vae, theirs.text, theirs.unet, theirs.vae):
+            rows += sampling_rows(args, sd, theirs, limit["sampling"])
         if ours.controlnet is not None:
-            rows += controlnet_rows(args, ours.controlnet, theirs, latents, context, limit["pass"])
+            with on_device(dev, ours.controlnet, theirs.controlnet, theirs.unet):
+                rows += controlnet_rows(args, ours.controlnet, theirs, latents, context, limit["pass"])
         if ours.ip_adapter is not None:
-            rows += ip_adapter_rows(args, ours.ip_adapter, theirs, latents, context, limit["pass"])
+            with on_device(dev, ours.ip_adapter, theirs.ip_unet, theirs.image_encoder):
+                rows += ip_adapter_rows(args, ours.ip_adapter, theirs, latents, context, limit["pass"])
     if ours.clip is not None:
-        rows += clip_rows(args, ours.clip, theirs.clip, limit["pass"])
+        with on_device(dev, ours.clip, theirs.clip):
+            rows += clip_rows(args, ours.clip, theirs.clip, limit["pass"])
     return rows
 
 
@@ -454,8 +484,8 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # TF32 alone would exceed the fp32 bound
         torch.backends.cudnn.allow_tf32 = False
     from common.weights import CheckpointError
-    print(f"bench.verify: loading ours and the oracles' on {args.device} in {args.precision}", file=sys.stderr,
-          flush=True)
+    print(f"bench.verify: loading ours and the oracles' in {args.precision} on the CPU (each pair of models runs on "
+          f"{args.device} for its rows)", file=sys.stderr, flush=True)
     try:
         ours = load_ours(args)
         with tempfile.TemporaryDirectory() as scratch:
