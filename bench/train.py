@@ -133,31 +133,40 @@ def main():
     schedule, text = sd.schedule, Conditioning(sd)
 
     def step():
+        """One training step; returns (samples, whether the fp16 GradScaler skipped its update)."""
         batch, epoch = next(stream)
         with amp:
             loss = diffusion_loss(model, sd, schedule, text, batch, epoch=epoch, seed=0, face_weight=0.1,
                                   ref_drop=0.0)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return batch["size"]
+        return batch["size"], scale is not None and scaler.get_scale() < scale  # lowered: inf / NaN, no update
 
     for _ in range(a.warmup):
         step()
+    for _ in range(20):  # the fp16 scaler starts at 2^16 and halves on each overflow: until it updates
+        if not step()[1]:
+            break
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times, samples = [], 0
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times, samples, skipped = [], 0, 0
     for _ in range(a.steps):
         start = time.perf_counter()
-        samples += step()
+        n, was_skipped = step()
+        samples, skipped = samples + n, skipped + was_skipped
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    if skipped:
+        print(f"note: the fp16 GradScaler skipped the update of {skipped} of {a.steps} timed steps (overflow): "
+              f"those steps ran no AdamW")
     n_all = sum(p.numel() for p in model.parameters()) + sum(p.numel() for m in (sd.vae, sd.text_encoder)
                                                             for p in m.parameters())
     n_train = sum(p.numel() for p in params)
@@ -171,10 +180,11 @@ def main():
     setup = (f"{a.preset} {args.method} lock {args.lock}, {args.resolution} px, K={args.refs}, "
              f"batch {args.batch_size}, "
              + ("fp16 autocast, checkpointing" if a.preset != "tiny" else f"{device} {args.precision}"))
-    report(f"training step, {setup}, median of {a.steps}",
+    report(f"training step, {setup}, median of {a.steps}"
+           + (f" ({skipped} skipped their update: fp16 overflow)" if skipped else ""),
            f"{args.batch_size / median:.2f} samples/s ({median * 1e3:.1f} ms/step)")
     if device.type == "cuda":
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak memory: {peak_gib:.2f} GiB")
         estimate = gib(a.estimate) if a.estimate else None
         report(f"peak memory (allocated), {setup}", f"{peak_gib:.2f} GiB",
