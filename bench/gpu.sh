@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every CUDA measurement BENCHMARKS.md lists as "not measured", in one run, into one Markdown table.
 #
-#     bench/gpu.sh [OUT.md]            # default ./bench-gpu.md; the commands' whole output in OUT.log
+#     bench/gpu.sh [OUT.md]            # default ./bench-gpu.md; the commands' whole output in OUT.log,
+#                                      # python -m bench.machine's report in OUT-machine.md
 #     GPU_DRY_RUN=1 bench/gpu.sh       # print the commands, one per line, and run nothing
 #
 # Python: GPU_PYTHON if set, else .venv/bin/python when present, else python. GPU_BUDGET_S: the
@@ -22,6 +23,7 @@
 #   retrinet.py: 2 checkpointing x (plain, K = 1, 2, 4) x 8 steps    40 s / 150 s
 #   data.synthetic: 64 images of 384 px, shared by train.py          10 s /  60 s
 #   8 x train.py sd15 (3 methods x their locks, 2 + 5 steps + 1)     20 s /  75 s each
+#   python -m bench.machine, after the table (outside the budget)     3 s /  60 s
 # Assumed total: 3 + 40 + 20 + 15 + 25 + 25 + 40 + 10 + 160 = 338 s, under 6 minutes.
 # The eight bench/memory.py estimates (CPU only, fake tensors: about 10-25 s each) run one after
 # another in the background from the start (niced, 90 s each at most), off that path; each train.py
@@ -231,10 +233,18 @@ for method in "${methods[@]}"; do
     done
 done
 
-[ "$dry" = 1 ] && exit 0
+# The machine's facts (GPU, bf16, the fused fp16 attention kernels at SD's head sizes) and the
+# settings they call for, into a file of their own beside the table.
+machine=${out%.md}-machine.md
+if [ "$dry" = 1 ]; then
+    quote "$PY" -m bench.machine
+    exit 0
+fi
+timeout 60 "$PY" -m bench.machine > "$machine" 2>> "$log" \
+    || echo "python -m bench.machine failed (its error is in $(basename "$log"))" > "$machine"
 {
     echo
     echo "Total wall time $SECONDS s (budget $budget s); $failures command(s) failed or were skipped."
 } >> "$out"
-echo "wrote $out ($failures failed or skipped); log: $log"
+echo "wrote $out ($failures failed or skipped); the machine: $machine; log: $log"
 [ "$failures" = 0 ]

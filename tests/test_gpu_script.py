@@ -75,6 +75,7 @@ def test_dry_run_lists_every_measurement(dry):
     assert all(option(a, "--dtype") == "fp16" and option(a, "--device") == "cuda" for a in found["clip_text"])
     for args in [a for name, runs in found.items() if name != "memory" for a in runs]:  # rows: one file
         assert option(args, "--report") == str(out)
+    assert [a[1:] for a in commands if a[1:2] == ["-m"] and a[2] == "bench.machine"] == [["-m", "bench.machine"]]
     # python -m data.synthetic writes the training data once; every run reads it.
     data = [a for a in commands if a[1:3] == ["-m", "data.synthetic"]]
     assert len(data) == 1
@@ -226,6 +227,8 @@ def test_failures_are_rows_and_the_estimate_reaches_train(tmp_path):
     assert not any("--estimate" in c for c in train_calls if "--method controlnet --lock both" in c)
     assert not any("--data" in c for c in train_calls)  # the shared data failed: each run makes its own
     assert "Total wall time" in text.splitlines()[-1]
+    assert any(c.startswith("-m bench.machine") for c in calls)  # the machine report, beside the table
+    assert (tmp_path / "gpu-machine.md").read_text() == "python -m bench.machine failed (its error is in gpu.log)\n"
     log = (tmp_path / "gpu.log").read_text()
     assert log.count("== exit ") == 15 and log.count("[in the background, exit ") == 8
 
