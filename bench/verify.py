@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+# Our sampler names -> diffusers' scheduler classes (the one table; the tests use it too).
 SAMPLERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
             "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 THRESHOLDS = {"fp32": {"pass": 1e-4, "sampling": 1e-4}, "fp16": {"pass": 1e-2, "sampling": 3e-2}}
@@ -238,12 +239,37 @@ def single_file_parts(path: Path, configs: dict, scratch: Path):
 def hf_tokenizer(args, folder: Path):
     """transformers' CLIPTokenizer from the diffusers folder's tokenizer/, else our bundled vocabulary."""
     import transformers
-    from clip.tokenizer import write_vocab_files
     tok = Path(args.weights) / "tokenizer" if args.weights else None
     if tok is not None and tok.is_dir():
         return transformers.CLIPTokenizer.from_pretrained(str(tok), model_max_length=77)  # SD's context length
+    return bundled_hf_tokenizer(folder)
+
+
+def bundled_hf_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer over our bundled vocabulary (written into `folder`), as SD's."""
+    import transformers
+    from clip.tokenizer import write_vocab_files
     vocab, merges = write_vocab_files(folder)
     return transformers.CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77)
+
+
+def scheduler_config(schedule) -> dict:
+    """diffusers' scheduler config for our NoiseSchedule, with SD v1.5's sampling settings (its
+    scheduler_config.json: leading timesteps, offset 1, no clipping)."""
+    return dict(beta_start=schedule.beta_start, beta_end=schedule.beta_end, beta_schedule="scaled_linear",
+                num_train_timesteps=schedule.num_train_timesteps, set_alpha_to_one=False, skip_prk_steps=True,
+                steps_offset=1, clip_sample=False, prediction_type=schedule.prediction, timestep_spacing="leading")
+
+
+def diffusers_pipeline(sampler: str, schedule, *, vae, text_encoder, tokenizer, unet):
+    """diffusers' StableDiffusionPipeline over the given parts with our `sampler`'s scheduler."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config(schedule)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_theirs(args, ours, scratch: Path) -> SimpleNamespace:
@@ -282,21 +308,27 @@ def load_their_controlnet(args, ours):
     """diffusers' ControlNetModel from the official file, through its own converter (the config from
     the U-Net's, as its single-file loader does)."""
     import diffusers
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
     from safetensors.torch import load_file
     state = load_file(args.controlnet)
     if not any(k.startswith("control_model.") for k in state):  # prefix-less third-party files
         state = {"control_model." + k: v for k, v in state.items()}
-    unet_cfg = ours.sd.unet.config
-    yaml = original_config(unet_cfg, ours.sd.vae.config)
-    ucfg = create_unet_diffusers_config_from_ldm(yaml, {"model.diffusion_model." + k: v for k, v in
-                                                        ours.sd.unet.state_dict().items()})
-    fields = ["in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-              "attention_head_dim", "use_linear_projection", "transformer_layers_per_block"]
-    cfg = {"conditioning_channels": 3, "norm_num_groups": unet_cfg.norm_groups, **{k: ucfg[k] for k in fields}}
+    cfg = controlnet_config(ours.sd.unet, ours.sd.vae.config)
     model = diffusers.ControlNetModel(**cfg)
     model.load_state_dict(convert_controlnet_checkpoint(state, cfg), strict=True)
     return model
+
+
+def controlnet_config(unet, vae_cfg) -> dict:
+    """diffusers' ControlNetModel config for a ControlNet over our `unet`: the U-Net's fields as diffusers'
+    converter gives them (diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm calls that
+    converter without its checkpoint argument, a TypeError, so the fields are taken here)."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    ucfg = create_unet_diffusers_config_from_ldm(original_config(unet.config, vae_cfg),
+                                                 {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()})
+    fields = ["in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+              "attention_head_dim", "use_linear_projection", "transformer_layers_per_block"]
+    return {"conditioning_channels": 3, "norm_num_groups": unet.config.norm_groups, **{k: ucfg[k] for k in fields}}
 
 
 def load_their_ip_adapter(args, unet):
@@ -304,17 +336,21 @@ def load_their_ip_adapter(args, unet):
     diffusers' own IP-Adapter loader at scale 1."""
     import copy
 
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
     from safetensors.torch import load_file
-    state = load_file(args.ip_adapter)
-    nested = {part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+    return diffusers_ip_adapter(copy.deepcopy(unet), load_file(args.ip_adapter), 1.0)
+
+
+def diffusers_ip_adapter(unet, official: dict, scale: float):
+    """`unet` (diffusers') carrying an official-layout IP-Adapter state dict (ip-adapter_sd15's keys),
+    loaded by diffusers' own IP-Adapter loader, at `scale`."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    nested = {part: {k[len(part) + 1:]: v for k, v in official.items() if k.startswith(part + ".")}
               for part in ("image_proj", "ip_adapter")}
-    model = copy.deepcopy(unet)
-    model._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
-    for proc in model.attn_processors.values():
+    unet._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
+    for proc in unet.attn_processors.values():
         if isinstance(proc, IPAdapterAttnProcessor2_0):
-            proc.scale = [1.0]
-    return model
+            proc.scale = [scale]
+    return unet
 
 
 # -- the comparisons ----------------------------------------------------------------------------------
@@ -393,20 +429,11 @@ def compare(args, ours, theirs) -> list[Row]:
 
 def sampling_rows(args, sd, theirs, threshold: float) -> list[Row]:
     """Each sampler's final latents after --steps guided steps, ours against diffusers' pipeline."""
-    import diffusers
     from diffusion.sd15 import text_to_image
-    s = theirs.schedule
-    scheduler_cfg = dict(beta_start=s.beta_start, beta_end=s.beta_end, beta_schedule="scaled_linear",
-                         num_train_timesteps=s.num_train_timesteps, set_alpha_to_one=False, skip_prk_steps=True,
-                         steps_offset=1, clip_sample=False, timestep_spacing="leading",
-                         prediction_type="v_prediction" if s.prediction == "v" else "epsilon")
     rows = []
-    for name, cls in SAMPLERS.items():
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=theirs.vae, text_encoder=theirs.text, tokenizer=theirs.tokenizer, unet=theirs.unet,
-            scheduler=getattr(diffusers, cls).from_config(scheduler_cfg), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+    for name in SAMPLERS:
+        pipe = diffusers_pipeline(name, theirs.schedule, vae=theirs.vae, text_encoder=theirs.text,
+                                  tokenizer=theirs.tokenizer, unet=theirs.unet)
         want = pipe(PROMPTS[0], num_inference_steps=args.steps, guidance_scale=GUIDANCE, height=args.size,
                     width=args.size, generator=torch.Generator().manual_seed(SEED), output_type="latent").images
         got = text_to_image(sd, PROMPTS[0], steps=args.steps, guidance=GUIDANCE, sampler=name, seed=SEED,

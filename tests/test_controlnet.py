@@ -11,11 +11,13 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, c
 from diffusers.models.attention_processor import AttnProcessor
 from safetensors.torch import save_file
 
+from bench.verify import controlnet_config
 from common.weights import CheckpointError
 from helpers import randomize_, rel_err
 from retrinet import ControlNet, ControlNetUNet, RetriUNet, load_reference_model
 from test_unet import diffusers_twin, ldm_yaml
 from unet import UNet, UNetConfig
+from vae import VAEConfig
 
 OFFICIAL = json.loads((Path(__file__).parent / "data" / "ldm_controlnet_keys.json").read_text())
 CFG = UNetConfig(model_channels=32, attention_resolutions=(2, 4), num_res_blocks=2, channel_mult=(1, 2, 3, 4),
@@ -53,13 +55,7 @@ def test_parity_with_diffusers():
     model = _model()
     randomize_(model.control, seed=2)
     ckpt = {"control_model." + k: v for k, v in model.control.state_dict().items()}
-    # diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm calls the U-Net config builder
-    # without its checkpoint argument (TypeError), so take the same fields from that builder here.
-    unet_cfg = create_unet_diffusers_config_from_ldm(ldm_yaml(CFG), {"model.diffusion_model." + k: v for k, v in
-                                                                     model.unet.state_dict().items()})
-    fields = ["in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-              "attention_head_dim", "use_linear_projection", "transformer_layers_per_block"]
-    dcfg = {"conditioning_channels": 3, **{k: unet_cfg[k] for k in fields}}
+    dcfg = controlnet_config(model.unet, VAEConfig.sd15())
     ref_control = ControlNetModel(**dcfg).eval()
     ref_control.load_state_dict(convert_controlnet_checkpoint(ckpt, dcfg), strict=True)
     ref_control.set_attn_processor(AttnProcessor())

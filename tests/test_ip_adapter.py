@@ -13,6 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor, IPAdapterAttnPro
 from PIL import Image
 from safetensors.torch import save_file
 
+from bench.verify import diffusers_ip_adapter
 from clip import CLIPVisionConfig, CLIPVisionModelWithProjection, preprocess
 from common.images import fit_and_pad
 from common.weights import CheckpointError
@@ -47,17 +48,6 @@ def _official_state(model: IPAdapterUNet) -> dict[str, torch.Tensor]:
     """The adapter's weights under the official file's keys (ip-adapter_sd15.safetensors), via our table."""
     own = model.adapter.state_dict()
     return {theirs: own[ours].contiguous() for theirs, ours in official_key_map(model.unet.config).items()}
-
-
-def _diffusers_ip_adapter(ref: UNet2DConditionModel, official: dict, scale: float) -> UNet2DConditionModel:
-    """Load an official-layout state dict into a diffusers U-Net through diffusers' own IP-Adapter loader."""
-    nested = {"image_proj": {k[len("image_proj."):]: v for k, v in official.items() if k.startswith("image_proj.")},
-              "ip_adapter": {k[len("ip_adapter."):]: v for k, v in official.items() if k.startswith("ip_adapter.")}}
-    ref._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
-    for proc in ref.attn_processors.values():
-        if isinstance(proc, IPAdapterAttnProcessor2_0):
-            proc.scale = [scale]
-    return ref
 
 
 def _diffusers_order(names) -> list[str]:
@@ -102,7 +92,7 @@ def test_official_numbers_follow_diffusers_loader(cfg):
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 def test_parity_with_diffusers(scale):
     model = _model()
-    ref = _diffusers_ip_adapter(diffusers_twin(model.unet, CFG), _official_state(model), scale)
+    ref = diffusers_ip_adapter(diffusers_twin(model.unet, CFG), _official_state(model), scale)
     x, t, ctx, embeds = _inputs()
     with torch.no_grad():
         want = ref(x, t, ctx, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
@@ -132,7 +122,7 @@ def test_parity_with_diffusers_at_sd15_size():
     unet = randomize_(unet.to_empty(device="cpu"), seed=5).eval()
     model = IPAdapterUNet(unet, image_embed_dim=1024).eval()  # the official ViT-H/14 embedding
     randomize_(model.adapter, seed=6)
-    ref = _diffusers_ip_adapter(_sd15_twin(unet), _official_state(model), 0.6)
+    ref = diffusers_ip_adapter(_sd15_twin(unet), _official_state(model), 0.6)
     g = torch.Generator().manual_seed(7)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 800])
     ctx, embeds = torch.randn(2, 77, 768, generator=g), torch.randn(2, 1024, generator=g)

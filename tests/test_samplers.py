@@ -10,14 +10,12 @@ import diffusers
 import pytest
 import torch
 
+from bench.verify import SAMPLERS as SAMPLERS_IN_DIFFUSERS, scheduler_config
 from diffusion import SAMPLERS, NoiseSchedule, make_sampler
 from helpers import rel_err
 
-SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-                "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
-DIFFUSERS_CLASS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                   "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+SD_SCHEDULER = scheduler_config(NoiseSchedule.sd15())
+DIFFUSERS_CLASS = SAMPLERS_IN_DIFFUSERS
 SHAPE = (2, 4, 7, 9)
 STEPS = [1, 2, 3, 7, 20, 50]
 CASES = [(name, {}) for name in SAMPLERS] + [("ddim", {"eta": 1.0})]

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from test_train import FAST, ROOT, data, losses, max_diff, run, weights  # noqa: F401
+from test_train import FAST, ROOT, data, losses, max_diff, run, torchrun, weights  # noqa: F401
+
+PROBE = ROOT / "tests" / "ddp_probe.py"  # train.Run's gradients, a restarted group's store
 
 
 def free_port() -> int:
@@ -21,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(*args, per_node=((), ()), script=str(ROOT / "train.py"), launch=(), timeout=300) -> list:
+def two_nodes(*args, per_node=((), ()), script=ROOT / "train.py", launch=(), timeout=300) -> list:
     """Two torchrun agents (with the options `launch`), one process each, meeting at a c10d rendezvous
     on 127.0.0.1, running `script` (train.py) with `args`; `per_node` adds arguments to each node's
     command. Returns each agent's (status, stderr)."""
@@ -29,7 +31,7 @@ def two_nodes(*args, per_node=((), ()), script=str(ROOT / "train.py"), launch=()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
                                 str(rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                                f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", *launch, script,
+                                f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", *launch, str(script),
                                 *map(str, args), *map(str, per_node[rank])], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for rank in (0, 1)]
@@ -103,12 +105,8 @@ def test_ddp_gradients_are_its_buckets_with_no_copy_per_step(data, tmp_path):
     buckets expect, is tested with each method's gradients (test_retrinet, test_controlnet,
     test_ip_adapter)."""
     out = tmp_path / "probe"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "tests" / "ddp_probe.py"), "buckets", "--data", str(data), "--out", str(out),
-                        *map(str, FAST), "--resolution", "24", "--batch-size", "2", "--device", "cpu"],
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("buckets", "--data", data, "--out", out, *FAST, "--resolution", 24, "--batch-size", 2, "--device", "cpu",
+             script=PROBE)
     for rank in (0, 1):
         probe = json.loads((out / f"probe-rank{rank}.json").read_text())
         steps = probe["steps"]
@@ -129,19 +127,14 @@ def test_a_restarted_group_does_not_read_the_store_of_the_group_before(tmp_path)
     (training.distributed.store_of_this_attempt): on one node, and on two, where the node whose
     process stayed healthy restarts for the membership change without counting it, so that
     TORCHELASTIC_RESTART_COUNT differs between the nodes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    probe = [str(ROOT / "tests" / "ddp_probe.py"), "restart"]
     one = tmp_path / "one"
     one.mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "--max-restarts", "1", *probe, str(one)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("restart", one, script=PROBE, launch=("--max-restarts", "1"), timeout=120)
     assert json.loads((one / "restart.json").read_text()) == {"sees_the_first_attempt": False,
                                                               "restart_counts": [1, 1]}
     two = tmp_path / "two"
     two.mkdir()
-    for status, err in two_nodes(*probe[1:], two, script=probe[0], launch=("--max-restarts", "1"), timeout=180):
+    for status, err in two_nodes("restart", two, script=PROBE, launch=("--max-restarts", "1"), timeout=180):
         assert status == 0, err[-3000:]
     assert json.loads((two / "restart.json").read_text()) == {"sees_the_first_attempt": False,
                                                               "restart_counts": [0, 1]}

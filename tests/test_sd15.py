@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 import test_unet
 import test_vae
+from bench.verify import bundled_hf_tokenizer, diffusers_pipeline
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from clip.tokenizer import write_vocab_files
-from diffusion.sd15 import StableDiffusion, load_sd15, text_to_image
+from diffusion.sd15 import StableDiffusion, text_to_image
 from helpers import randomize_
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
@@ -27,9 +28,6 @@ TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_l
 UNET = UNetConfig(model_channels=32, attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
                   context_dim=32)
 VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)  # downscale 8, as SD's
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
-                    prediction_type="epsilon", timestep_spacing="leading")
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +45,9 @@ def small_sd():
 
 
 def _diffusers_pipeline(sd, hf_text, sampler, tmp_path):
-    import diffusers
-    classes = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-               "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
-    vocab, merges = write_vocab_files(tmp_path / "tok")
-    return diffusers.StableDiffusionPipeline(
-        vae=test_vae.diffusers_twin(sd.vae, VAE), text_encoder=hf_text,
-        tokenizer=transformers.CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77),
-        unet=test_unet.diffusers_twin(sd.unet, UNET),
-        scheduler=getattr(diffusers, classes[sampler]).from_config(SD_SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return diffusers_pipeline(sampler, sd.schedule, vae=test_vae.diffusers_twin(sd.vae, VAE), text_encoder=hf_text,
+                              tokenizer=bundled_hf_tokenizer(tmp_path / "tok"),
+                              unet=test_unet.diffusers_twin(sd.unet, UNET))
 
 
 @pytest.mark.parametrize("sampler", ["pndm", "ddim", "euler", "euler_a", "dpmpp_2m"])

@@ -59,11 +59,13 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *map(str, args)]
+def torchrun(*args, timeout=300, script=ROOT / "train.py", launch=()):
+    """`script` (train.py) with `args` under torchrun (two processes on this machine, the options
+    `launch` added); asserts that it exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launch,
+           str(script), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

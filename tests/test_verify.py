@@ -182,3 +182,11 @@ def test_machine_report_from_the_command():
     assert r.returncode == 0, r.stderr
     assert "| torch | " + torch.__version__ + " |" in r.stdout and "no CUDA GPU visible" in r.stdout
     assert "--device cpu --precision fp32" in r.stdout
+
+
+def test_the_scheduler_config_follows_the_schedule():
+    """The oracle's scheduler predicts what our schedule says (a v model's pipeline is a v pipeline)."""
+    from diffusion.schedule import PREDICTIONS, NoiseSchedule
+    for prediction in PREDICTIONS:
+        cfg = verify.scheduler_config(NoiseSchedule(beta_end=0.02, prediction=prediction))
+        assert (cfg["prediction_type"], cfg["beta_end"], cfg["num_train_timesteps"]) == (prediction, 0.02, 1000)
