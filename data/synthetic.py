@@ -13,7 +13,9 @@ their (top colour, bottom colour) pair, so identities are recoverable from the V
 Each image varies pose, facing, position, scale and background. With ``--scene`` (the leakage
 benchmark) the background is one of four named colours and the arms and facing are chosen, all tagged
 and written as the image's prompt instead of the identity's tags. Everything is a function of
-``(seed, image index)``, so the same arguments give byte-identical files.
+``(seed, image index)``, so the same arguments give byte-identical files. No two images of one
+identity (each other's ``similar`` references) are near-duplicates by data.validate's rule: a draw
+that would be one is redrawn.
 
     python -m data.synthetic --out DIR --identities 12 --images-per-identity 4 --size 128 --seed 0
 """
@@ -30,6 +32,8 @@ from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
+
+from .build import image_hash, is_near_duplicate
 
 SUPERSAMPLE = 4
 VQA_QUESTION = "What are the top two colors of the character's clothes?"
@@ -72,6 +76,8 @@ SCENE_BACKGROUNDS = {"blue": (150, 200, 235), "green": (170, 225, 165), "purple"
 SCENE_ARMS = {"arms_up": (105.0, 125.0), "arms_down": (5.0, 25.0)}  # both arms' angle range, degrees from hanging
 SCENE_FACING = {"facing_right": 1, "facing_left": -1}               # Pose.facing
 SCENE_LEGS = (2.0, 12.0)  # leg spread of a scene's figure: narrower than the usual 2-22, so arms up is the widest pose
+
+MAX_REDRAWS = 100  # draws of a clean image after the first, while it near-duplicates one of its identity's
 
 # Stream ids for numpy.random.default_rng([seed, stream, ...]).
 _S_IDENTITIES, _S_LAYOUT, _S_IMAGE, _S_VQA = 0, 1, 2, 3
@@ -576,24 +582,40 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
     ids = [f"{k:0{width}d}" for k in range(total)]
 
     metadata, vqa, faces, truth, clean = [], [], [], [], []
+    hashes: dict[str, list[int]] = {}  # image_hash of every clean image drawn so far, per identity
     for k in range(total):
         kind, idx = slots[order[k]]
-        rng = np.random.default_rng([seed, _S_IMAGE, k])
         iid = ids[k]
-        if kind == "clean":
-            ident, noise = idents[idx], None
+        # A clean image is a `similar` reference of every other image of its identity, so it must not
+        # be what data.validate (and data.build) call a near-duplicate of any of them: such a draw is
+        # redrawn from the next stream (seed, image, k, attempt). About 1.5% of same-identity pairs are
+        # near-duplicates at first draw; attempt 0 is the stream every earlier version used.
+        for attempt in range(MAX_REDRAWS + 1):
+            rng = np.random.default_rng([seed, _S_IMAGE, k] + ([attempt] if attempt else []))
+            if kind == "clean":
+                ident, noise = idents[idx], None
+            else:
+                ident, noise = idents[int(rng.integers(identities))], NOISE_KINDS[idx % len(NOISE_KINDS)]
+            drawn = draw_scene(rng) if scene and noise is None else None
+            close_up = drawn is None and noise is None and rng.random() < 0.1
+            mono = MONO_TAGS[int(rng.integers(len(MONO_TAGS)))] if noise == "mono" else None
+            second = None
+            if noise == "multi":
+                others = [j for j, o in enumerate(idents) if o.character != ident.character]
+                second = idents[others[int(rng.integers(len(others)))]] if others else ident
+            rgb, mask, face, extra = render(ident, size, rng, close_up=close_up, mono=mono,
+                                            second=second, backgrounds=backgrounds, figure_scale=figure_scale,
+                                            scene=drawn)
+            if noise is not None:
+                break
+            h = image_hash(rgb)
+            siblings = hashes.setdefault(ident.key, [])
+            if not any(is_near_duplicate(h, other) for other in siblings):
+                siblings.append(h)
+                break
         else:
-            ident, noise = idents[int(rng.integers(identities))], NOISE_KINDS[idx % len(NOISE_KINDS)]
-        drawn = draw_scene(rng) if scene and noise is None else None
-        close_up = drawn is None and noise is None and rng.random() < 0.1
-        mono = MONO_TAGS[int(rng.integers(len(MONO_TAGS)))] if noise == "mono" else None
-        second = None
-        if noise == "multi":
-            others = [j for j, o in enumerate(idents) if o.character != ident.character]
-            second = idents[others[int(rng.integers(len(others)))]] if others else ident
-        rgb, mask, face, extra = render(ident, size, rng, close_up=close_up, mono=mono,
-                                        second=second, backgrounds=backgrounds, figure_scale=figure_scale,
-                                        scene=drawn)
+            raise RuntimeError(f"image {iid}: every one of {MAX_REDRAWS + 1} draws of identity {ident.key} is a "
+                               f"near-duplicate of another of its images")
         rgb.save(out / "images" / f"{iid}.png")
         mask.save(out / "masks" / f"{iid}.png")
 
