@@ -86,13 +86,15 @@ def build_tiny(seed: int) -> StableDiffusion:
     return StableDiffusion(unet, PixelSpace(cfg["vae"]), text_encoder, CLIPTokenizer.default(), cfg["schedule"])
 
 
-def save_base(sd: StableDiffusion, out: Path) -> tuple[Path, Path]:
+def save_base(sd: StableDiffusion, out: Path, half: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """The tiny base as an SD single file (U-Net + text encoder, no VAE) and the `--config` JSON
-    that sample.py needs to build it."""
+    that sample.py needs to build it. Tensors whose key ends with one of `half` are stored in half
+    precision (loading casts them back)."""
     state = {f"model.diffusion_model.{k}": v for k, v in sd.unet.state_dict().items()}
     state.update({f"cond_stage_model.transformer.{k}": v for k, v in sd.text_encoder.state_dict().items()})
     weights, configs = out / "base.safetensors", out / "base-config.json"
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(weights))
+    save_file({k: (v.half() if half and k.endswith(half) else v).detach().contiguous() for k, v in state.items()},
+              str(weights))
     cfg = tiny_configs()
     configs.write_text(json.dumps({"unet": dataclasses.asdict(cfg["unet"]), "vae": "pixel",
                                    "text_encoder": dataclasses.asdict(cfg["text_encoder"]),
