@@ -32,7 +32,7 @@ leakage: $(VENV)/.installed
 # The tiny SD + CLIP stack from scratch, as shipped in tiny-stack/ (about 75 minutes on a 2-core CPU):
 # CLIP contrastively, then the U-Net text-to-image. Use it with `train.py --preset tiny --stack $(BASE_OUT)`.
 base: $(VENV)/.installed
-	$(PY) -m training.pretrain --out $(BASE_OUT)
+	$(PY) pretrain.py --out $(BASE_OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -1,6 +1,5 @@
-"""The tiny stack's pre-training (training/pretrain.py): its data, its CLIP loss, its files and its
-command, on budgets of seconds."""
-import dataclasses
+"""The tiny stack's pre-training (training/pretrain.py, pretrain.py): its data, its CLIP loss, its
+files and its command, on budgets of seconds."""
 import json
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def test_command_writes_the_stack(tmp_path):
     """The whole command on a budget of seconds: both stages, the files that ship, their checksums,
     the record; a second run reuses the CLIP and keeps its record."""
     out = tmp_path / "stack"
-    args = [sys.executable, "-m", "training.pretrain", "--out", str(out), "--clip-steps", "2", "--unet-steps", "2",
+    args = [sys.executable, "pretrain.py", "--out", str(out), "--clip-steps", "2", "--unet-steps", "2",
             "--clip-pool", "256", "--unet-pool", "64", "--score-samples", "2", "--zero-shot-samples", "8"]
     run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
@@ -116,17 +115,25 @@ def test_command_writes_the_stack(tmp_path):
     clip = load_clip(out / "clip")
     ids = sd.tokenizer(["1girl, blue background"])
     torch.testing.assert_close(sd.text_encoder(ids), clip.text_model(ids), rtol=0, atol=0)
-    again = subprocess.run(args[:5] + ["--clip-steps", "5", "--unet-steps", "1", "--unet-pool", "64",
+    again = subprocess.run(args[:4] + ["--clip-steps", "5", "--unet-steps", "1", "--unet-pool", "64",
                                        "--score-samples", "1", "--zero-shot-samples", "4"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing" in again.stderr, again.stderr
     assert json.loads((out / "stack.json").read_text())["clip"]["recipe"]["steps"] == 2
+    rescored = subprocess.run(args[:4] + ["--score-only", "--guidance", "2", "--score-samples", "1"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert rescored.returncode == 0, rescored.stderr
+    record = json.loads((out / "stack.json").read_text())
+    assert record["unet"]["quality"]["guidance"] == 2 and "--score-only" in record["scored_by"]
+    assert record["unet"]["steps_taken"] == 1   # nothing trained
 
 
 @pytest.mark.parametrize("flag, value", [("--clip-steps", "0"), ("--unet-pool", "3"), ("--guidance", "nan"),
-                                         ("--unet-minutes", "-1"), ("--score-samples", "0")])
+                                         ("--unet-minutes", "-1"), ("--score-samples", "0"), ("--unet-lr", "inf"),
+                                         ("--clip-lr", "0"), ("--score-only", None)])
 def test_bad_arguments_are_one_line(tmp_path, flag, value):
-    run = subprocess.run([sys.executable, "-m", "training.pretrain", "--out", str(tmp_path / "s"), flag, value],
+    run = subprocess.run([sys.executable, "pretrain.py", "--out", str(tmp_path / "s"), flag]
+                         + ([value] if value else []),
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and flag in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "s").exists()
@@ -134,6 +141,6 @@ def test_bad_arguments_are_one_line(tmp_path, flag, value):
 
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
-    run = subprocess.run([sys.executable, "-m", "training.pretrain", "--out", str(tmp_path / "f")],
+    run = subprocess.run([sys.executable, "pretrain.py", "--out", str(tmp_path / "f")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "not a folder" in run.stderr

@@ -8,9 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layers, bottom up. A module may import its own package and packages of lower layers; within
 # layer 3 only training/ and eval/ may import retrinet/ and data/.
 LAYERS = {"common": 0, "unet": 1, "vae": 1, "clip": 1, "diffusion": 2, "retrinet": 3, "data": 3, "eval": 3,
-          "training": 3, "train": 4, "sample": 4, "demo": 4}
+          "training": 3, "train": 4, "sample": 4, "demo": 4, "pretrain": 4}
 SIDEWAYS = {("training", "retrinet"), ("training", "data"), ("eval", "retrinet"), ("eval", "data"), ("eval", "training")}
-ENTRY_POINTS = {"train", "sample", "demo"}
+ENTRY_POINTS = {"train", "sample", "demo", "pretrain"}
 
 
 def _imports() -> dict[tuple[str, str], list[str]]:

@@ -16,17 +16,15 @@ The data: `draw_scenes` renders data.synthetic's figures with random identities 
 bottom colours, styles, artists; no hats) in random scenes (a named background colour, arms, facing),
 each described in full by a Danbooru-style prompt (`prompt_of`) of which training drops parts. One
 colour combination in ten of (hair, top, bottom) is never drawn for training (`is_held_out`): the
-evaluation (`zero_shot`, `score_base`) draws its images from those.
-
-    python -m training.pretrain --out tiny-stack          # both stages (make base)
+evaluation (`zero_shot` here, eval.base_score for the U-Net) draws its images from those.
+`pretrain.py` (`make base`) runs both stages and writes the stack's files (`save_clip`,
+training.presets.save_base; the token embedding in half precision, HALF_KEYS).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -349,47 +347,6 @@ def train_unet(clip: CLIPModel, recipe: UNetRecipe, seed: int, log=print, minute
     return sd, step + 1
 
 
-# ----------------------------------------------------------------------------------------- scoring
-
-def read_scene(image) -> dict:
-    """What the project's scorers read in an image (uint8 (H, W, 3)): hair, top and bottom colours
-    (eval.identity_score), background and arms (eval.scene_score), and the background's flatness
-    (the standard deviation of the border pixels, RGB units)."""
-    from eval import identity_score, scene_score
-    a = np.asarray(image)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).astype(np.float32)
-    return {**identity_score.dominant_colours(a), "background": scene_score.background(a),
-            "arms": scene_score.arms(a), "border_std": float(border.std(0).mean())}
-
-
-def _agreement(reads: list[dict], shown: list[Drawn]) -> dict:
-    out = {att: float(np.mean([r[att] == getattr(d, att) for r, d in zip(reads, shown)]))
-           for att in ("hair", "top", "bottom", "background", "arms")}
-    out["border_std"] = float(np.mean([r["border_std"] for r in reads]))
-    return out
-
-
-@torch.no_grad()
-def score_base(sd, n: int = 64, seed: int = 2, guidance: float = 4.0, steps: int = 25, sampler: str = "ddim",
-               resolution: int = 24) -> dict:
-    """The base sampled from full prompts of `n` held-out scenes (colour combinations it never saw),
-    one sample each, read by the project's scorers; beside the same scorers on the real images at
-    the same resolution (the ceiling), and each attribute's ratio sample / real."""
-    from diffusion.sd15 import text_to_image
-    images, shown = draw_scenes(n, seed, held_out=True)
-    real = to_model_pixels(images, resolution).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    real_reads = [read_scene(im.permute(1, 2, 0).numpy()) for im in real]
-    samples = torch.cat([text_to_image(sd, prompt_of(d), num=1, steps=steps, guidance=guidance, sampler=sampler,
-                                       seed=seed * 100_000 + i, height=resolution, width=resolution)
-                         for i, d in enumerate(shown)])
-    sample_reads = [read_scene(im.numpy()) for im in samples]
-    real_score, sample_score = _agreement(real_reads, shown), _agreement(sample_reads, shown)
-    ratio = {att: sample_score[att] / real_score[att] if real_score[att] else None
-             for att in ("hair", "top", "bottom", "background", "arms")}
-    return {"n": n, "guidance": guidance, "steps": steps, "sampler": sampler, "samples": sample_score,
-            "real": real_score, "ratio": ratio}, samples
-
-
 # ----------------------------------------------------------------------------------------- files
 
 CLIP_DIR, BASE_FILE, BASE_CONFIG, STACK_FILE = "clip", "base.safetensors", "base-config.json", "stack.json"
@@ -434,96 +391,3 @@ def shipped_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     return [folder / CLIP_DIR / "model.safetensors", folder / CLIP_DIR / "config.json", folder / BASE_FILE,
             folder / BASE_CONFIG]
-
-
-def save_grid(samples: torch.Tensor, path: Path, columns: int = 16) -> None:
-    """uint8 (N, H, W, 3) samples as one PNG grid, 3x enlarged (nearest)."""
-    from PIL import Image
-    n, h, w, _ = samples.shape
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(samples.numpy()):
-        r, c = divmod(i, columns)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = im
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for the stack (clip/, base.safetensors, ...)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clip-steps", type=int, default=ClipRecipe.steps)
-    ap.add_argument("--unet-steps", type=int, default=UNetRecipe.steps)
-    ap.add_argument("--unet-minutes", type=float, default=None, help="stop the U-Net stage after this long")
-    ap.add_argument("--clip-pool", type=int, default=ClipRecipe.pool, help="distinct scenes the CLIP trains on")
-    ap.add_argument("--unet-pool", type=int, default=UNetRecipe.pool, help="distinct scenes the U-Net trains on")
-    ap.add_argument("--guidance", type=float, default=3.0, help="text guidance of the scored samples")
-    ap.add_argument("--score-samples", type=int, default=64, help="held-out scenes sampled for the quality scores")
-    ap.add_argument("--zero-shot-samples", type=int, default=512, help="held-out scenes of the CLIP's zero-shot scores")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = ap.parse_args(argv)
-    for name in ("clip_steps", "unet_steps", "score_samples", "clip_pool", "unet_pool", "zero_shot_samples"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.clip_pool < ClipRecipe.batch or args.unet_pool < UNetRecipe.batch:
-        ap.error(f"--clip-pool and --unet-pool must hold at least a batch ({ClipRecipe.batch} and "
-                 f"{UNetRecipe.batch} scenes), got {args.clip_pool} and {args.unet_pool}")
-    if args.unet_minutes is not None and not (0 < args.unet_minutes < 1e4):
-        ap.error(f"--unet-minutes must be a positive number of minutes, got {args.unet_minutes}")
-    if not math.isfinite(args.guidance) or args.guidance < 1:
-        ap.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
-    if args.out.exists() and not args.out.is_dir():
-        ap.error(f"--out {args.out} exists and is not a folder")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    from clip import load_clip
-    from training.presets import save_base
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    clip_recipe = dataclasses.replace(ClipRecipe(), steps=args.clip_steps, pool=args.clip_pool)
-    recipe = dataclasses.replace(UNetRecipe(), steps=args.unet_steps, pool=args.unet_pool)
-    clip_file = out / CLIP_DIR / "model.safetensors"
-    if clip_file.is_file() and (out / CLIP_DIR / "config.json").is_file():
-        log(f"clip: reusing {clip_file} (delete {out / CLIP_DIR} to train it again)")
-        clip = load_clip(clip_file)
-        try:
-            clip_record = json.loads((out / CLIP_DIR / CLIP_RECORD).read_text())
-        except (OSError, ValueError):
-            clip_record = {"recipe": None, "minutes": None, "seed": None}
-    else:
-        clip = train_clip(clip_recipe, args.seed, log)
-        clip_record = {"recipe": dataclasses.asdict(clip_recipe), "seed": args.seed,
-                       "minutes": (time.perf_counter() - began) / 60}
-        round_half_keys(clip)
-        save_clip(clip, out / CLIP_DIR)
-        (out / CLIP_DIR / CLIP_RECORD).write_text(json.dumps(clip_record, indent=1) + "\n")
-    retrieval = zero_shot(clip, n=args.zero_shot_samples)
-    log("clip zero-shot: " + ", ".join(f"{k} {v['accuracy']:.0%} (chance {v['chance']:.0%})"
-                                       for k, v in retrieval.items()))
-    unet_began = time.perf_counter()
-    sd, steps = train_unet(clip, recipe, args.seed, log, minutes=args.unet_minutes)
-    unet_minutes = (time.perf_counter() - unet_began) / 60
-    save_base(sd, out, half=HALF_KEYS)
-    quality, samples = score_base(sd, n=args.score_samples, guidance=args.guidance)
-    save_grid(samples, out / "base-samples.png")
-    log("base: " + ", ".join(f"{k} {v:.0%} of real" for k, v in quality["ratio"].items() if v is not None)
-        + f"; border std {quality['samples']['border_std']:.1f} (real {quality['real']['border_std']:.1f})")
-    record = {"command": "python -m training.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "seed": args.seed, "clip": {**clip_record, "zero_shot": retrieval},
-              "unet": {"recipe": dataclasses.asdict(recipe), "steps_taken": steps, "minutes": unet_minutes,
-                       "quality": quality},
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "sha256": {str(p.relative_to(out)): sha256(p) for p in shipped_files(out)}}
-    (out / STACK_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    log(f"wrote {out} in {(time.perf_counter() - began) / 60:.1f} minutes")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
