@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unet-minutes", type=float, default=None, help="stop the U-Net stage after this long")
     ap.add_argument("--clip-pool", type=int, default=ClipRecipe.pool, help="distinct scenes the CLIP trains on")
     ap.add_argument("--unet-pool", type=int, default=UNetRecipe.pool, help="distinct scenes the U-Net trains on")
-    ap.add_argument("--guidance", type=float, default=3.0, help="text guidance of the scored samples")
+    ap.add_argument("--guidance", type=float, default=2.0,
+                    help="text guidance of the scored samples (2 read best of 2, 3 and 4: BENCHMARKS.md)")
     ap.add_argument("--score-samples", type=int, default=64, help="held-out scenes sampled for the quality scores")
     ap.add_argument("--zero-shot-samples", type=int, default=512, help="held-out scenes of the CLIP's zero-shot scores")
     ap.add_argument("--clip-lr", type=float, default=ClipRecipe.lr)

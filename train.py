@@ -30,7 +30,9 @@ A collective that waits longer than --ddp-timeout names the processes that did n
 nodes, a shared filesystem): that is checked at the start. Exit status: 0 done (or stopped by a signal / the time limit), 2 bad
 arguments (nothing built or written), 1 a failure after that (one line; the checkpoints written
 before are kept), 3 the non-finite stop. Problems are one line each on stderr, "train.py: error: ...".
-The tiny preset also writes base.safetensors + base-config.json, so that sample.py can load it:
+The tiny preset fine-tunes the shipped pre-trained tiny stack (tiny-stack/: SD v1.5 and CLIP in
+miniature, made by `make base`; another with --stack, none with --from-scratch) as the paper
+fine-tunes SD, and copies its base.safetensors + base-config.json into --out for sample.py:
 
     python sample.py --weights runs/tiny/base.safetensors --config runs/tiny/base-config.json \\
         --retrinet runs/tiny/checkpoints/step-001500/retrinet.safetensors --refs a.png b.png \\
@@ -67,8 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="sd15",
                     help="sd15: on SD v1.5 (--weights), 384 px, fp32 (RetriNet as the paper); sd15-256: the same at "
-                         "256 px in fp16 (the paper's baselines, Supp. A.3); tiny: small configs from scratch, pixel "
-                         "space, CPU")
+                         "256 px in fp16 (the paper's baselines, Supp. A.3); tiny: the miniature SD + CLIP of --stack "
+                         "(pixel space, 24 px, CPU), fine-tuned as the paper fine-tunes SD")
+    ap.add_argument("--stack", default=None,
+                    help="--preset tiny: the pre-trained tiny stack to start from (default: the shipped tiny-stack/)")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="--preset tiny: no pre-trained stack; a fresh U-Net trains with the method (lock none) on a "
+                         "random frozen text encoder (and a random image encoder for the IP-Adapter)")
     ap.add_argument("--weights", default=None, help="SD v1.5 single file or diffusers folder (presets sd15*)")
     ap.add_argument("--config", default=None, help="JSON of unet / vae / text_encoder configs for --weights "
                                                    "that are not SD v1.5's shape (as sample.py --config)")
@@ -158,8 +165,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-    if args.preset == "tiny" and "lock" not in args.explicit:
-        args.lock = "none"  # the tiny base trains from scratch, with everything
+    if args.preset == "tiny" and args.from_scratch and "lock" not in args.explicit:
+        args.lock = "none"  # a base trained from scratch trains with everything
+    if args.preset == "tiny" and not args.from_scratch and args.stack is None:
+        from training.presets import STACK
+        args.stack = str(STACK)
     if args.method == "controlnet" and "ref_resolution" not in args.explicit:
         args.ref_resolution = args.resolution  # the hint is the reference at the target's size
     return args
@@ -200,7 +210,14 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.weights and not Path(args.weights).exists():
         problems.append(f"--weights {args.weights}: no such file or folder")
     if args.preset == "tiny" and (args.weights or args.config):
-        problems.append("--preset tiny trains from scratch: --weights / --config belong to the sd15 presets")
+        problems.append("--preset tiny starts from its tiny stack (--stack): --weights / --config belong to the sd15 presets")
+    if args.preset != "tiny" and (args.stack or args.from_scratch):
+        problems.append(f"--stack / --from-scratch belong to --preset tiny, not {args.preset}")
+    if args.preset == "tiny" and args.from_scratch and args.stack:
+        problems.append("--from-scratch builds no stack: leave out --stack")
+    if args.preset == "tiny" and not args.from_scratch:
+        from training.presets import stack_problems
+        problems += [f"--stack: {p}" for p in stack_problems(args.stack)]
     if args.config and not Path(args.config).is_file():
         problems.append(f"--config {args.config}: no such file")
     for root in filter(None, (args.data, args.val_data)):
@@ -215,8 +232,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for name in ("resolution", "ref_resolution"):
         if getattr(args, name) is not None and (getattr(args, name) < 8 or getattr(args, name) % 8):
             problems.append(f"{flag(name)} {getattr(args, name)} must be a positive multiple of 8")
-    if args.preset == "tiny" and args.lock != "none":
-        problems.append("--preset tiny trains its base U-Net from scratch: only --lock none applies")
+    if args.preset == "tiny" and args.from_scratch and args.lock != "none":
+        problems.append("--from-scratch trains the base U-Net with the method: only --lock none applies")
     problems += device_problems(args)
     problems += compile_problems(args.compile)
     problems += out_problems(args)
@@ -296,7 +313,8 @@ def method_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--method ip-adapter with --preset {args.preset} needs --image-encoder (CLIP vision "
                             f"weights: the official image_encoder/ folder or openai/clip-vit-large-patch14)")
         if args.preset == "tiny" and args.image_encoder:
-            problems.append("--preset tiny builds its own small image encoder: --image-encoder belongs to the sd15 presets")
+            problems.append("--preset tiny takes its image encoder from its stack's CLIP: --image-encoder belongs to "
+                            "the sd15 presets")
         if args.image_encoder and not Path(args.image_encoder).exists():
             problems.append(f"--image-encoder {args.image_encoder}: no such file or folder")
     return problems
@@ -326,9 +344,16 @@ def build(args, device, rank: int, out: Path):
     import torch
     from diffusion.sd15 import load_configs, load_sd15
     from retrinet import ControlNetUNet, IPAdapterUNet, RetriUNet
-    from training.presets import build_tiny, frozen_to, image_encoder_for, save_base
+    from training.presets import build_tiny, frozen_to, image_encoder_for, load_tiny_stack, save_base
     from unet import UNetEncoder
-    if args.preset == "tiny":
+    if args.preset == "tiny" and not args.from_scratch:
+        if args.resume and (out / "base.safetensors").is_file():  # the run's own copy, whatever --stack holds now
+            sd = load_sd15(out / "base.safetensors", configs=load_configs(out / "base-config.json"))
+        else:
+            sd = load_tiny_stack(args.stack)
+            if rank == 0:
+                copy_base(Path(args.stack), out)
+    elif args.preset == "tiny":
         sd = build_tiny(args.seed)
         if rank == 0 and not (out / "base.safetensors").is_file():
             save_base(sd, out)
@@ -341,7 +366,7 @@ def build(args, device, rank: int, out: Path):
         sd = load_sd15(args.weights, configs=load_configs(args.config) if args.config else None)
     for part in (sd.unet, sd.vae, sd.text_encoder):
         part.to(device)
-    common = dict(lock=args.lock, train_base=args.preset == "tiny")
+    common = dict(lock=args.lock, train_base=args.preset == "tiny" and args.from_scratch)
     if args.method == "retrinet":
         model = RetriUNet(sd.unet, heads=args.heads, null_reference=args.ref_drop > 0, **common)
     elif args.method == "controlnet":
@@ -358,6 +383,16 @@ def build(args, device, rank: int, out: Path):
     sd.vae.eval()
     sd.text_encoder.eval()
     return sd, model
+
+
+def copy_base(stack: Path, out: Path) -> None:
+    """The run's own copy of the stack's base (base.safetensors, base-config.json), for sample.py and
+    the evaluations, which load a tiny run from its folder; the weights file goes in last, under a
+    temporary name first, as its presence marks the copy complete."""
+    import shutil
+    shutil.copyfile(stack / "base-config.json", out / "base-config.json")
+    shutil.copyfile(stack / "base.safetensors", out / ".base.safetensors.tmp")
+    (out / ".base.safetensors.tmp").replace(out / "base.safetensors")
 
 
 def param_groups(model, params: list, scale: float) -> list:

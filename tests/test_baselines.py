@@ -73,7 +73,7 @@ def test_options_that_do_not_apply_are_refused(data, tmp_path, capsys):
         (["--method", "controlnet", "--heads", "2"], "--heads sets RetriNet's reference attention"),
         (["--method", "controlnet", "--ref-resolution", "8"], "--ref-resolution 8 must equal --resolution 16"),
         (["--method", "ip-adapter", "--prompt-drop", "0.3"], "the IP-Adapter drops the text, the image or both"),
-        (["--method", "ip-adapter", "--image-encoder", "x"], "--preset tiny builds its own small image encoder"),
+        (["--method", "ip-adapter", "--image-encoder", "x"], "--preset tiny takes its image encoder from its stack's CLIP"),
         (["--image-encoder", "x"], "--image-encoder belongs to --method ip-adapter, not retrinet"),
     ]
     for extra, message in cases:
@@ -189,4 +189,4 @@ def test_method_and_preset_defaults():
     assert (a.resolution, a.precision, a.lock, a.refs, a.prompt_drop, a.face_weight) == (384, "fp32", "none", 2, 0.5,
                                                                                         0.1)
     a = parse("--preset", "tiny", "--method", "controlnet", "--p-drop", "0.25")
-    assert (a.resolution, a.ref_resolution, a.lock, a.prompt_drop) == (24, 24, "none", 0.25)
+    assert (a.resolution, a.ref_resolution, a.lock, a.prompt_drop) == (24, 24, "decoder", 0.25)  # SD frozen

@@ -139,7 +139,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(data, tmp_path):
     tiny = train.build(train.parse_args(["--data", str(data), "--out", str(out), *FAST]), torch.device("cpu"), 1,
                        out)[0]
     model = RetriUNet.load(ckpts[0] / "retrinet.safetensors", tiny.unet)
-    assert model.train_base and model.lock == "none"
+    assert not model.train_base and model.lock == "none"  # fine-tuned from the stack, SD's decoder trains
 
 
 def test_tiny_preset_overfits_a_few_samples(tmp_path):
@@ -386,3 +386,68 @@ def test_demo_step_budget_follows_the_minutes():
     assert demo.parse_args([]).steps == 10 * demo.STEPS_PER_MINUTE
     assert demo.parse_args(["--minutes", "30"]).steps == 30 * demo.STEPS_PER_MINUTE
     assert demo.parse_args(["--minutes", "30", "--steps", "7"]).steps == 7
+
+
+def test_tiny_runs_start_from_the_shipped_stack(data, tmp_path):
+    """As the paper starts from SD: the U-Net is the stack's, RetriNet's E is a copy of its encoder,
+    the run keeps a byte copy of the stack's base, and the IP-Adapter's image encoder is the image
+    tower of the stack's CLIP."""
+    from clip import load_clip
+    from training.presets import STACK, load_tiny_stack
+    stack = load_tiny_stack()
+    sd, model = train.build(train.parse_args(["--data", str(data), "--out", str(tmp_path), *FAST]),
+                            torch.device("cpu"), 0, tmp_path)
+    assert (tmp_path / "base.safetensors").read_bytes() == (STACK / "base.safetensors").read_bytes()
+    assert (tmp_path / "base-config.json").read_bytes() == (STACK / "base-config.json").read_bytes()
+    expected = stack.unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in sd.unet.state_dict().items())
+    encoder = {k: v for k, v in expected.items() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
+    copied = {k: v for k, v in model.retrinet.encoder.state_dict().items() if k in encoder}
+    assert copied.keys() == encoder.keys() and all(torch.equal(copied[k], encoder[k]) for k in encoder)
+    assert not model.train_base and model.lock == "none"
+    out = tmp_path / "ip"
+    args = train.parse_args(["--data", str(data), "--out", str(out), *FAST, "--method", "ip-adapter"])
+    assert args.lock == "decoder" and not train.check_args(args)
+    out.mkdir()
+    _, ip = train.build(args, torch.device("cpu"), 0, out)
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ip.image_encoder(pixels), load_clip(STACK / "clip").encode_image(pixels), rtol=0, atol=0)
+
+
+def test_from_scratch_trains_the_base_with_the_method(data, tmp_path):
+    args = train.parse_args(["--data", str(data), "--out", str(tmp_path), *FAST, "--from-scratch"])
+    assert args.lock == "none" and args.stack is None and not train.check_args(args)
+    _, model = train.build(args, torch.device("cpu"), 0, tmp_path)
+    assert model.train_base
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--from-scratch", "--lock", "decoder"], "--from-scratch trains the base U-Net with the method: only --lock none"),
+    (["--from-scratch", "--stack", "s"], "--from-scratch builds no stack: leave out --stack"),
+    (["--stack", "nowhere"], "--stack: nowhere/base.safetensors: missing"),
+    (["--preset", "sd15", "--weights", "w", "--from-scratch"], "--stack / --from-scratch belong to --preset tiny"),
+])
+def test_stack_options_are_checked(data, tmp_path, capsys, extra, message):
+    assert run(data, tmp_path / "o", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_keeps_the_runs_own_base(data, tmp_path):
+    """A resumed tiny run loads the base it copied at its start, not what --stack holds now."""
+    import shutil
+    from training.presets import STACK
+    stack = tmp_path / "stack"
+    shutil.copytree(STACK, stack)
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", 1, "--stack", stack) == 0
+    before = (out / "base.safetensors").read_bytes()
+    from safetensors.torch import load_file, save_file
+    state = load_file(stack / "base.safetensors")
+    save_file({k: v + 1 if k.startswith("model.diffusion_model.") else v for k, v in state.items()},
+              str(stack / "base.safetensors"))
+    assert run(data, out, "--max-steps", 2, "--stack", stack, "--resume") == 0
+    assert (out / "base.safetensors").read_bytes() == before
+    sd, _ = train.build(train.parse_args(["--data", str(data), "--out", str(out), *FAST, "--stack", str(stack),
+                                          "--resume"]), torch.device("cpu"), 0, out)
+    assert torch.equal(sd.unet.out[2].bias, load_file(STACK / "base.safetensors")["model.diffusion_model.out.2.bias"])

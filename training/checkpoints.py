@@ -94,6 +94,7 @@ def read_state(path: Path) -> dict:
 RESUME_FIXED = {
     "method": "the model's architecture",
     "preset": "the base model and the model's architecture",
+    "from_scratch": "the base model (the tiny stack, or a U-Net trained with the method)",
     "heads": "how the reference attention splits its channels",
     "null_reference": "whether the model has a learned null reference",
     "lock": "which parameters train (and the optimizer state's layout)",

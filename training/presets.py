@@ -1,5 +1,6 @@
 """Training presets (paper Sec. 5.2, Supp. A.4; docs/design.md sections 3, 5): sd15, RetriNet on SD
-v1.5 as the paper trains it, and tiny, SD's architecture shrunk to train from scratch on the CPU."""
+v1.5 as the paper trains it, and tiny, SD's architecture shrunk for the CPU, fine-tuned from the
+shipped pre-trained tiny stack (tiny-stack/, made by pretrain.py = make base) as the paper fine-tunes SD."""
 from __future__ import annotations
 
 import dataclasses
@@ -75,9 +76,34 @@ def tiny_configs() -> dict:
             "image_encoder": image}
 
 
+# The shipped tiny stack: a miniature SD v1.5 (U-Net + CLIP text tower, base.safetensors) and its
+# CLIP (clip/), pre-trained by `make base` (pretrain.py; stack.json says how).
+STACK = Path(__file__).resolve().parents[1] / "tiny-stack"
+
+
+def stack_problems(folder: str | Path) -> list[str]:
+    """What is missing from a tiny stack folder (one line each, naming the file)."""
+    folder = Path(folder)
+    need = [folder / "base.safetensors", folder / "base-config.json", folder / "clip" / "model.safetensors",
+            folder / "clip" / "config.json"]
+    return [f"{p}: missing (a tiny stack holds base.safetensors, base-config.json and clip/; "
+            f"`make base` makes one)" for p in need if not p.is_file()]
+
+
+def load_tiny_stack(folder: str | Path = STACK) -> StableDiffusion:
+    """The pre-trained tiny SD of a stack folder: U-Net and frozen CLIP text tower, pixel space,
+    v-prediction (its base-config.json)."""
+    from diffusion.sd15 import load_configs, load_sd15
+    folder = Path(folder)
+    problems = stack_problems(folder)
+    if problems:
+        raise FileNotFoundError(problems[0])
+    return load_sd15(folder / "base.safetensors", configs=load_configs(folder / "base-config.json"))
+
+
 def build_tiny(seed: int) -> StableDiffusion:
-    """A fresh tiny SD: its U-Net trains from scratch; its random text encoder stays frozen (it only
-    has to tell prompts apart)."""
+    """A fresh tiny SD (train.py --from-scratch): its U-Net trains from scratch; its random text
+    encoder stays frozen (it only has to tell prompts apart)."""
     cfg = tiny_configs()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -122,15 +148,20 @@ def load_run(run: Path, ckpt: Path | None = None, raw: bool = False):
 
 def image_encoder_for(args, out: Path, rank: int) -> CLIPVisionModelWithProjection:
     """The IP-Adapter's frozen CLIP image encoder: --image-encoder's weights for sd15; for the tiny
-    preset a small random one drawn from the seed (so every process and every resumed run has the
-    same), which rank 0 also writes to out/image-encoder/ in the layout of IP-Adapter's
-    image_encoder/ folder, for sample.py --image-encoder."""
+    preset the image tower of the stack's CLIP (--stack), or with --from-scratch a small random one
+    drawn from the seed (so every process and every resumed run has the same). For the tiny preset
+    rank 0 also writes it to out/image-encoder/ in the layout of IP-Adapter's image_encoder/ folder,
+    for sample.py --image-encoder."""
     if args.preset != "tiny":
         return load_image_encoder(args.image_encoder).eval().requires_grad_(False)
-    cfg = tiny_configs()["image_encoder"]
-    with torch.random.fork_rng():
-        torch.manual_seed(args.seed + 1)
-        encoder = CLIPVisionModelWithProjection(cfg)
+    if not args.from_scratch:
+        encoder = load_image_encoder(Path(args.stack) / "clip")
+        cfg = encoder.config
+    else:
+        cfg = tiny_configs()["image_encoder"]
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed + 1)
+            encoder = CLIPVisionModelWithProjection(cfg)
     folder = out / "image-encoder"
     if rank == 0 and not (folder / "model.safetensors").is_file():
         folder.mkdir(parents=True, exist_ok=True)
