@@ -4,19 +4,22 @@
     python demo.py --out demo-30 --minutes 30             # longer (make demo MINUTES=30)
     python demo.py --out demo-output --sample-only --sampler dpmpp_2m   # sample the trained run again
 
-1. Generates a synthetic RetriBooru dataset (data.synthetic; by default one flat background colour
-   per image, figures 80-95% of the image high, no hats) for training and a second one whose
-   identities the model never sees (another seed).
-2. Trains the tiny preset (train.py --preset tiny: SD's architecture shrunk, pixel space, 24 px,
-   v-prediction, with 10% reference dropout for reference guidance, references on white, plus the
-   demo's recipe in TRAIN_RECIPE) for --minutes, the cosine learning-rate schedule running once over
-   the step budget (STEPS_PER_MINUTE per minute).
-3. Samples every held-out identity from two of its images (no prompt, reference guidance only) from
-   the weight average of the last checkpoint, and scores identity retrieval with the generator's
-   ground truth (eval.identity_score): identification (which held-out identity each sample matches
-   best; chance 1 / identities) and the fraction of samples whose hair, top and bottom colours equal
-   the reference identity's, each against its chance rate with a binomial p-value, beside the
-   scorer's ceiling on real held-out images.
+1. Generates a synthetic RetriBooru dataset (data.synthetic --scene by default: a named background
+   colour, arms and facing per image, and a prompt naming that scene but not the identity; figures
+   80-95% of the image high, no hats) for training and a second one whose identities the model never
+   sees (another seed).
+2. Fine-tunes RetriNet from the shipped pre-trained tiny stack (train.py --preset tiny: SD v1.5 and
+   CLIP in miniature, pixel space, 24 px, v-prediction; E copied from the pre-trained U-Net, E and
+   SD's decoder trained, lock none), with 10% reference dropout for reference guidance, references
+   on white, plus the demo's recipe in TRAIN_RECIPE, for --minutes, the cosine learning-rate schedule
+   running once over the step budget (STEPS_PER_MINUTE per minute).
+3. Samples every held-out identity from two of its images and the scene prompt of a third (reference
+   guidance) from the weight average of the last checkpoint, and the base alone from the same
+   prompts without references; scores identity retrieval with the generator's ground truth
+   (eval.identity_score): identification (which held-out identity each sample matches best; chance
+   1 / identities) and the fraction of samples whose hair, top and bottom colours equal the
+   reference identity's, each against its chance rate with a binomial p-value, beside the base
+   alone and the scorer's ceiling on real held-out images.
 4. Writes report.md / report.json, the held-out sample grid, samples.npz, the training log,
    checkpoints and validation grids into --out, and prints its path.
 
@@ -38,10 +41,11 @@ from pathlib import Path
 # What the demo adds to train.py's tiny preset, chosen by the measurements in BENCHMARKS.md ("make
 # demo: learning per CPU-minute"); --train-args come after it, so they override it.
 TRAIN_RECIPE = ["--ema", "0.995"]
-STEPS_PER_MINUTE = 130  # training steps of the demo's settings per minute on an idle 2-core CPU (BENCHMARKS.md)
-DEFAULTS = dict(identities=96, images_per_identity=8, heldout=16, size=48, backgrounds="flat",
+STEPS_PER_MINUTE = 180  # training steps of the demo's settings per minute on an idle 2-core CPU (BENCHMARKS.md)
+DEFAULTS = dict(identities=96, images_per_identity=8, heldout=16, size=48, backgrounds="scene", prompt="scene",
+                guidance=1.0,
                 figure_scale=(0.8, 0.95), ref_background="white", hats=False,
-                minutes=10.0, samples=4, sample_steps=25, sampler="ddim", ref_guidance=5.0)
+                minutes=10.0, samples=4, sample_steps=25, sampler="ddim", ref_guidance=2.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images-per-identity", type=int, default=DEFAULTS["images_per_identity"])
     ap.add_argument("--heldout", type=int, default=DEFAULTS["heldout"], help="identities never trained on")
     ap.add_argument("--size", type=int, default=DEFAULTS["size"], help="side of the generated dataset images")
-    ap.add_argument("--backgrounds", choices=BACKGROUNDS, default=DEFAULTS["backgrounds"],
+    ap.add_argument("--backgrounds", choices=BACKGROUNDS + ("scene",), default=DEFAULTS["backgrounds"],
                     help="data.synthetic backgrounds: one colour per image by default, so that a model trained "
                          "for minutes spends itself on the figures")
     ap.add_argument("--figure-scale", type=float, nargs=2, default=DEFAULTS["figure_scale"], metavar=("LOW", "HIGH"),
@@ -76,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sample-steps", type=int, default=DEFAULTS["sample_steps"])
     ap.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULTS["sampler"])
     ap.add_argument("--ref-guidance", type=float, default=DEFAULTS["ref_guidance"])
+    ap.add_argument("--guidance", type=float, default=DEFAULTS["guidance"],
+                    help="text guidance at sampling (1: the prompt's prediction, no extrapolation)")
+    ap.add_argument("--prompt", choices=("scene", "none"), default=DEFAULTS["prompt"],
+                    help="scene: sample each held-out identity with the prompt of one of its other images (with "
+                         "--backgrounds scene it names the background, arms and facing, not the identity); none: \"\"")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--raw-weights", action="store_true",
                     help="sample the trained weights themselves, not their average (ema.safetensors)")
@@ -91,10 +100,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
     """(identity key, its image paths, identity) per identity of a synthetic root; the first two
-    images are the references."""
+    images are the references. The identity dict gains "prompt": the prompt of its third image
+    (of its second when it has two), what the demo samples it with."""
+    from data.annotations import load_records
     from eval.identity_score import load_identities
-    return [(key, [root / "images" / f"{i}.png" for i in ident["ids"]], ident)
-            for key, ident in sorted(load_identities(root).items()) if len(ident["ids"]) >= 2]
+    prompts = {rec["id"]: rec["prompt"] for rec in load_records(root)}
+    out = []
+    for key, ident in sorted(load_identities(root).items()):
+        if len(ident["ids"]) >= 2:
+            ident = {**ident, "prompt": prompts[ident["ids"][min(2, len(ident["ids"]) - 1)]]}
+            out.append((key, [root / "images" / f"{i}.png" for i in ident["ids"]], ident))
+    return out
 
 
 def reference_image(path: Path, background: str = "keep"):
@@ -108,20 +124,23 @@ def reference_image(path: Path, background: str = "keep"):
 
 
 def sample_heldout(sd, model, heldout: list, args) -> tuple[list, list]:
-    """`args.samples` images per held-out identity from its two reference images: no prompt,
-    reference guidance only (text guidance 1)."""
+    """`args.samples` images per held-out identity from its two reference images and its prompt
+    (--prompt), with reference and text guidance (--ref-guidance, --guidance). With `model` None, the
+    base alone from the same prompts and seeds: what the samples look like without references."""
     from retrinet import generate
     from training.presets import PRESETS
     res, ref_res = PRESETS["tiny"]["resolution"], PRESETS["tiny"]["ref_resolution"]
     images, identities = [], []
     for i, (key, paths, ident) in enumerate(heldout):
-        references = [reference_image(p, args.ref_background) for p in paths[:2]]
-        out, _ = generate(sd, "", model=model, references=references, concepts=["figure"], num=args.samples,
-                          steps=args.sample_steps, guidance=1.0, ref_guidance=args.ref_guidance, sampler=args.sampler,
-                          seed=args.seed + i, height=res, width=res, ref_size=ref_res)
+        prompt = ident["prompt"] if args.prompt == "scene" else ""
+        conditioning = dict(model=model, references=[reference_image(p, args.ref_background) for p in paths[:2]],
+                            concepts=["figure"], ref_guidance=args.ref_guidance, ref_size=ref_res) if model else {}
+        out, _ = generate(sd, prompt, num=args.samples, steps=args.sample_steps, guidance=args.guidance,
+                          sampler=args.sampler, seed=args.seed + i, height=res, width=res, **conditioning)
         images += list(out.numpy())
         identities += [ident] * args.samples
-        print(f"\rsampling held-out identities: {i + 1}/{len(heldout)}", end="\n" if i + 1 == len(heldout) else "",
+        print(f"\rsampling held-out identities{'' if model else ' (base alone)'}: {i + 1}/{len(heldout)}",
+              end="\n" if i + 1 == len(heldout) else "",
               file=sys.stderr, flush=True)
     return images, identities
 
@@ -256,8 +275,10 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
                                (heldout_root, args.heldout, 4, args.seed + 1000)]:
         if not (root / "annotations.jsonl").is_file():
             print(f"generating {root.name}: {n} identities x {per} images, {args.backgrounds} backgrounds", file=sys.stderr)
+            scene = args.backgrounds == "scene"
             generate(root, identities=n, images_per_identity=per, size=args.size, seed=seed, noise_fraction=0.0,
-                     backgrounds=args.backgrounds, figure_scale=tuple(args.figure_scale), hats=args.hats)
+                     backgrounds="mixed" if scene else args.backgrounds, figure_scale=tuple(args.figure_scale),
+                     hats=args.hats, scene=scene)
 
     t_train = time.perf_counter()
     # The cosine schedule runs once over the step budget, so the learning rate ends near 0.
@@ -300,6 +321,12 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
     import numpy as np
     np.savez_compressed(out / "samples.npz", images=np.stack(images), identities=[i["key"] for i in identities])
     result = score(images, identities, seed=args.seed)
+    # The base alone (the run's starting point, without references) from the same prompts and seeds.
+    from diffusion.sd15 import load_configs, load_sd15
+    base = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
+    base_images, _ = sample_heldout(base, None, heldout, args)
+    base_result = score(base_images, identities, seed=args.seed)
+    heldout_grid(heldout, base_images, args.samples, ref_background=args.ref_background).save(out / "base-samples.png")
     effect = reference_effect(sd, model, heldout_root, seed=args.seed, ref_background=args.ref_background)
     heldout_grid(heldout, images, args.samples, ref_background=args.ref_background).save(out / "heldout-samples.png")
     # The scorer's ceiling: the same score on the held-out identities' other (real) images, fitted
@@ -317,7 +344,7 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
                    training_identities=len(train_ids), heldout=len(heldout), overlap=overlap, checkpoint=ckpt,
                    model_file=model_file, ema=saved_args.get("ema", 0.0), snr_gamma=saved_args.get("snr_gamma", 0.0),
                    lr=saved_args.get("lr"), added_lr_scale=saved_args.get("added_lr_scale", 1.0), resolution=res)
-    write_report(out, args, result, ceiling, effect, context)
+    write_report(out, args, result, ceiling, effect, context, base_result)
     print((out / "report.md").read_text(), file=sys.stderr)
     print(out)
     return 0
@@ -336,9 +363,10 @@ SCORES = (("identification (best of the held-out identities)", "identification")
           ("bottom colour", "bottom"))
 
 
-def write_report(out: Path, args, result: dict, ceiling: dict, effect: dict, c: dict) -> None:
+def write_report(out: Path, args, result: dict, ceiling: dict, effect: dict, c: dict, base: dict) -> None:
     """report.json and report.md: the scores of the samples with their chance rates and p-values,
-    the scorer's ceiling on real images, the reference effect and the run's settings."""
+    the base alone's scores (`base`: no references, same prompts), the scorer's ceiling on real
+    images, the reference effect and the run's settings."""
     from eval.identity_score import significance_line
 
     def chance(k):
@@ -350,6 +378,7 @@ def write_report(out: Path, args, result: dict, ceiling: dict, effect: dict, c: 
                              else result[f"{k}_shown"]] for _, k in SCORES},
               "chance_derangement": {k: result[f"chance_{k}"] for _, k in SCORES[1:]},
               "real_images": {k: ceiling[k] for _, k in SCORES}, "significance": significance_line(result),
+              "base_alone": {k: base[k] for _, k in SCORES},
               "samples": result["n"], "heldout_identities": c["heldout"],
               "training_identities": c["training_identities"], "heldout_colour_triples_seen_in_training": c["overlap"],
               "steps": c["steps"], "training_minutes": round(c["train_minutes"], 2),
@@ -358,11 +387,12 @@ def write_report(out: Path, args, result: dict, ceiling: dict, effect: dict, c: 
               "backgrounds": args.backgrounds, "ref_background": args.ref_background, "hats": args.hats,
               "figure_scale": list(args.figure_scale), "reference_effect_x0_rmse": effect,
               "checkpoint": str(c["checkpoint"]), "model_file": str(c["model_file"]),
-              "sampling": {"sampler": args.sampler, "steps": args.sample_steps, "prompt": "",
-                           "ref_guidance": args.ref_guidance, "samples": args.samples}}
+              "sampling": {"sampler": args.sampler, "steps": args.sample_steps, "prompt": args.prompt,
+                           "guidance": args.guidance, "ref_guidance": args.ref_guidance, "samples": args.samples}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     rows = "\n".join(f"| {name} | {result[k]:.1%} ({report['counts'][k][0]}/{report['counts'][k][1]}) | "
-                     f"{chance(k):.1%} | {result[f'p_{k}']:.2g} | {ceiling[k]:.1%} |" for name, k in SCORES)
+                     f"{chance(k):.1%} | {result[f'p_{k}']:.2g} | {base[k]:.1%} | {ceiling[k]:.1%} |"
+                     for name, k in SCORES)
     effect_rows = "\n".join(f"| {t} | {r['own']} | {r['mismatched']} | {r.get('null', '-')} |" for t, r in effect.items())
     sampler = {"ddim": "DDIM", "dpmpp_2m": "DPM++ 2M"}.get(args.sampler, args.sampler)
     recipe = [f"weight average with decay {c['ema']}" if c["ema"] else "",
@@ -373,10 +403,12 @@ def write_report(out: Path, args, result: dict, ceiling: dict, effect: dict, c: 
 
 {significance_line(result)}.
 
-Tiny preset trained for {c['steps']} steps ({c['train_minutes']:.1f} min{averaged}) on {c['training_identities']} synthetic identities ({args.backgrounds} backgrounds, figures
+Tiny preset fine-tuned from its pre-trained stack for {c['steps']} steps ({c['train_minutes']:.1f} min{averaged}) on {c['training_identities']} synthetic identities ({args.backgrounds} backgrounds, figures
 {args.figure_scale[0]:.0%}-{args.figure_scale[1]:.0%} of the image high{"" if args.hats else ", no hats"}; references {"on white" if args.ref_background == "white" else "as they are"});
 sampled {args.samples} images for each of {c['heldout']} identities it never saw, from two reference images,
-without a prompt ({sampler} {args.sample_steps}, reference guidance {args.ref_guidance}). Scores
+{"with the prompt of one of its other images (the scene, not the identity)" if args.prompt == "scene" else "without a prompt"}
+({sampler} {args.sample_steps}, reference guidance {args.ref_guidance}, text guidance {args.guidance}). "Base alone": the
+pre-trained base from the same prompts and seeds, without references (base-samples.png). Scores
 (eval.identity_score): identification, the fraction of samples whose colours match their own identity
 best among the {c['heldout']} held-out ones (chance 1/{c['heldout']}); the fraction of samples whose dominant
 colours equal the reference identity's. Chance: the same scores against every other held-out identity;
@@ -384,8 +416,8 @@ p: one-sided binomial p-value against chance (samples of one identity share refe
 a guide); real images: the scorer on the held-out identities' own other images at {c['resolution']} px,
 its ceiling (at this size the hair is one or two pixel rows{", and often under a hat" if args.hats else ""}).
 
-| score | generated | chance | p | real images |
-|---|---|---|---|---|
+| score | generated | chance | p | base alone | real images |
+|---|---|---|---|---|---|
 {rows}
 
 Do the references count? RMSE of the one-step x_0 prediction on held-out images (no prompt) with their

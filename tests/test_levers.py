@@ -134,7 +134,7 @@ def test_added_lr_scale_gives_the_added_modules_their_own_rate(data, tmp_path, c
     out = tmp_path / "o"
     assert run(data, out, "--max-steps", 2, "--save-every", 2, "--added-lr-scale", 3, "--lr", 1e-3) == 0
     assert run(data, out, "--max-steps", 3, "--save-every", 3, "--added-lr-scale", 5, "--lr", 1e-3, "--resume") == 0
-    model = RetriUNet(build_tiny(0).unet, heads=1, null_reference=False, train_base=True)
+    model = RetriUNet(build_tiny(0).unet, heads=1, null_reference=False)  # lock none: the U-Net's decoder trains
     n_added = sum(1 for p in model.retrinet.parameters() if p.requires_grad)
     n_base = sum(1 for p in model.unet.parameters() if p.requires_grad)
     for step, scale in ((2, 3), (3, 5)):

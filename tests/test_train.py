@@ -341,7 +341,9 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path):
     effect = report["reference_effect_x0_rmse"]
     assert set(effect) == {"300", "500", "700"} and all(set(r) == {"own", "mismatched", "null"} and
                                                         all(v > 0 for v in r.values()) for r in effect.values())
-    assert report["backgrounds"] == "flat" and report["figure_scale"] == [0.8, 0.95]
+    assert report["backgrounds"] == "scene" and report["figure_scale"] == [0.8, 0.95]
+    assert report["sampling"]["prompt"] == "scene" and set(report["base_alone"]) == set(report["generated"])
+    assert (out / "base-samples.png").is_file()
     assert report["ref_background"] == "white" and report["hats"] is False
     from training.checkpoints import read_state
     saved = json.loads(read_state(out / "run" / "checkpoints" / "step-000002")["args"])
