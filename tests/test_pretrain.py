@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from training import pretrain
-from training.pretrain import (GROUPS, Drawn, contrastive_loss, draw_groups, draw_scenes, fits, fitting_pairs,
+from training.pretrain import (GROUPS, Drawn, contrastive_loss, draw_groups, draw_scenes, fitting_pairs, group_tags,
                                group_codes, is_held_out, prompt_of)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,11 @@ def test_prompts_name_what_the_image_shows():
     draws = [draw_groups(rng, empty=0.1, partial=0.3) for _ in range(4000)]
     assert abs(np.mean([g == () for g in draws]) - 0.1) < 0.02
     assert abs(np.mean([g == GROUPS for g in draws]) - (0.6 + 0.3 / 2 ** len(GROUPS))) < 0.03
+
+
+def fits(d: Drawn, groups: tuple[str, ...], other: Drawn) -> bool:
+    """The definition fitting_pairs vectorises: the prompt naming `groups` of scene `d` describes `other`."""
+    return all(group_tags(d, g) == group_tags(other, g) for g in groups)
 
 
 def test_fitting_pairs_equals_fits():

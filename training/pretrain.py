@@ -38,6 +38,7 @@ from clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVi
 from data.synthetic import (CLOTH_COLORS, EYE_COLORS, HAIR_COLORS, HAIR_STYLES, OUTLINE_COLORS, SKIN_TONES,
                             Artist, Character, Identity, Outfit, BOTTOM_KINDS, PATTERNS, draw_scene, render)
 from diffusion.schedule import NoiseSchedule
+from training.objective import lr_at
 from retrinet.ip_adapter import clip_pixels
 from unet import UNet
 
@@ -135,11 +136,6 @@ def draw_groups(rng: np.random.Generator, *, empty: float, partial: float) -> tu
     return GROUPS
 
 
-def fits(d: Drawn, groups: tuple[str, ...], other: Drawn) -> bool:
-    """Does the prompt naming `groups` of scene `d` describe scene `other` too?"""
-    return all(group_tags(d, g) == group_tags(other, g) for g in groups)
-
-
 def group_codes(shown: list[Drawn]) -> torch.Tensor:
     """(N, len(GROUPS)) ints: equal in a column when two scenes' tags of that group are equal."""
     seen: dict[tuple, int] = {}
@@ -148,7 +144,8 @@ def group_codes(shown: list[Drawn]) -> torch.Tensor:
 
 def fitting_pairs(codes: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
     """(B, B) bool: [i, j] when prompt j (naming the groups where `named[j]` (B, len(GROUPS)) is True,
-    of scene j with `group_codes` row codes[j]) describes scene i: `fits` for a whole batch."""
+    of scene j with `group_codes` row codes[j]) describes scene i: every group it names has scene i's
+    tags."""
     return ((codes[:, None, :] == codes[None, :, :]) | ~named[None, :, :]).all(-1)
 
 
@@ -196,10 +193,9 @@ class ClipRecipe:
     pool: int = 20_000      # distinct training scenes
 
 
-def cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+def once_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """The learning rate at `step`: training.objective.lr_at's warm-up and cosine, run once over `steps`."""
+    return lr_at(step, lr=lr, warmup=warmup, restart_every=max(1, steps - warmup))
 
 
 def train_clip(recipe: ClipRecipe, seed: int, log=print) -> CLIPModel:
@@ -216,7 +212,7 @@ def train_clip(recipe: ClipRecipe, seed: int, log=print) -> CLIPModel:
     start = time.perf_counter()
     for step in range(recipe.steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup)
+            group["lr"] = once_cosine(step, recipe.steps, recipe.lr, recipe.warmup)
         idx = rng.choice(len(shown), recipe.batch, replace=False)
         groups = [draw_groups(rng, empty=recipe.empty, partial=recipe.partial) for _ in idx]
         batch = [shown[i] for i in idx]
@@ -321,7 +317,7 @@ def train_unet(clip: CLIPModel, recipe: UNetRecipe, seed: int, log=print, minute
     sd.unet.train()
     for step in range(recipe.steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup)
+            group["lr"] = once_cosine(step, recipe.steps, recipe.lr, recipe.warmup)
         idx = rng.choice(len(shown), recipe.batch, replace=False)
         prompts = [prompt_of(shown[i], draw_groups(rng, empty=recipe.empty, partial=recipe.partial)) for i in idx]
         with torch.no_grad():
