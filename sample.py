@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.options import COMPILE_DEFAULT, COMPILE_HELP, CONCEPTS, PRECISIONS
+from common.options import COMPILE_DEFAULT, COMPILE_HELP, CONCEPTS, PRECISIONS, Renamed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     refs.add_argument("--refs", nargs="+", default=[], help="reference images of one identity")
     refs.add_argument("--concepts", nargs="+", default=[], choices=CONCEPTS,
                       help="concept of each reference (one for all, or one per reference; default figure)")
-    refs.add_argument("--mode", choices=list(METHODS), default=None,
+    refs.add_argument("--method", choices=list(METHODS), default=None,
                       help="what --retrinet holds (default: read from the file)")
+    refs.add_argument("--mode", choices=list(METHODS), dest="method", action=Renamed, new="--method",
+                      help=argparse.SUPPRESS)
     refs.add_argument("--ref-size", type=int, default=384, help="references are fitted and padded to this square")
     refs.add_argument("--ref-guidance", type=float, default=None,
                       help="separate reference guidance scale (RetriNet trained with reference dropout)")
@@ -91,7 +93,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 
 def check_references(args: argparse.Namespace) -> list[str]:
-    """Problems with the reference arguments, found without building a model; sets `args.mode` to
+    """Problems with the reference arguments, found without building a model; sets `args.method` to
     the checkpoint's method."""
     from diffusion.sd15 import unet_config_for
     from retrinet import reference_problems
@@ -103,9 +105,9 @@ def check_references(args: argparse.Namespace) -> list[str]:
     except (OSError, ValueError) as e:
         return [str(e)]
     problems, method = reference_problems(args.retrinet, args.refs, args.concepts, ref_size=args.ref_size,
-                                          ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config,
+                                          ref_guidance=args.ref_guidance, method=args.method, unet_config=unet_config,
                                           ip_scale=args.ip_scale, image_encoder=args.image_encoder)
-    args.mode = args.mode or method
+    args.method = args.method or method
     return problems
 
 

@@ -60,7 +60,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrinet import LOCKS, METHODS  # noqa: E402
 
 GIB = 2 ** 30
-LOCKS_OF = {"retrinet": LOCKS, "controlnet": LOCKS, "ip-adapter": ("none", "decoder")}  # no encoder to lock
 
 # CUDA's autocast policy for the ops whose CPU policy differs (ATen's autocast_mode.h lists:
 # AT_FORALL_FP32 and AT_FORALL_FP32_SET_OPT_DTYPE; the lower-precision list the CPU shares for every
@@ -142,7 +141,7 @@ class Recipe:
     bucket_views: bool = True    # --zero: gradients as views of DDP's buckets (train.py); False: a copy
 
     def label(self) -> str:
-        k = f", K = {self.refs}" if self.method == "retrinet" else ""
+        k = f", K = {self.refs}" if METHODS[self.method].references is None else ""
         z = f", --zero over {self.zero}" if self.zero > 1 else ""
         z += ", DDP's buckets a second copy of the gradients" if self.zero > 1 and not self.bucket_views else ""
         return (f"{self.method}, lock {self.lock}{k}, {self.resolution} px, {self.precision}, checkpointing "
@@ -162,30 +161,15 @@ def cast_(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def build_sd15(recipe: Recipe):
-    """SD v1.5's parts and the method's model as train.build sets them up (random weights)."""
-    from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from diffusion.sd15 import StableDiffusion
-    from retrinet import ControlNetUNet, IPAdapterUNet, RetriUNet
-    from unet import UNet, UNetConfig, UNetEncoder
-    from vae import AutoencoderKL, VAEConfig
-    sd = StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15()),
-                         CLIPTextModel(CLIPTextConfig.vit_l14()), CLIPTokenizer.default())
-    if recipe.method == "retrinet":
-        model = RetriUNet(sd.unet, heads=8, lock=recipe.lock)
-    elif recipe.method == "controlnet":
-        model = ControlNetUNet(sd.unet, lock=recipe.lock)
-    else:
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.vit_h14()).requires_grad_(False).eval()
-        model = IPAdapterUNet(sd.unet, image_embed_dim=1024, lock=recipe.lock, image_encoder=encoder)
-    for m in model.modules():
-        if isinstance(m, UNetEncoder):
-            m.gradient_checkpointing = recipe.checkpointing
-    if recipe.precision != "fp32":  # training.presets.frozen_to, for fake tensors
+    """SD v1.5's parts and the method's model as train.py sets them up (training.build.random_sd15),
+    the frozen parts cast by `cast_` (fake tensors cannot be cast in place)."""
+    from training.build import random_sd15
+
+    def fake_frozen_to(sd, model, dtype):
         for part in [sd.vae, sd.text_encoder] + model.frozen_parts():
-            cast_(part, torch.float16)
-    sd.vae.eval()
-    sd.text_encoder.eval()
-    return sd, model
+            cast_(part, dtype)
+    return random_sd15(recipe.method, recipe.lock, checkpointing=recipe.checkpointing,
+                       half=torch.float16 if recipe.precision != "fp32" else None, cast=fake_frozen_to)
 
 
 def fake_batch(recipe: Recipe) -> dict:
@@ -302,7 +286,8 @@ class Steps:
         phase("activations")
         with self.amp:
             loss = diffusion_loss(self.model, self.sd, self.sd.schedule, self.text, self.batch, epoch=0, seed=0,
-                                  face_weight=0.1 if self.recipe.method == "retrinet" else 0.0, ref_drop=0.0)
+                                  face_weight=METHODS[self.recipe.method].training_defaults["face_weight"],
+                                  ref_drop=0.0)
         phase("backward")
         self.scaler.scale(loss).backward()
         phase("AdamW")
@@ -338,11 +323,11 @@ def summary(mem: "PeakMemory", trainable: list) -> dict:
 
 
 def tiny_model(seed: int = 0):
-    """The tiny preset's RetriNet as train.build makes it (the whole U-Net trains)."""
-    from retrinet import RetriUNet
+    """The tiny preset's RetriNet as training.build makes it with --from-scratch (the whole U-Net trains)."""
+    from retrinet import MethodOptions, build_model
     from training.presets import build_tiny
     sd = build_tiny(seed)
-    return sd, RetriUNet(sd.unet, heads=1, train_base=True)
+    return sd, build_model("retrinet", sd.unet, MethodOptions(heads=1, train_base=True))
 
 
 TINY = Recipe("retrinet", "none", resolution=48, refs=2, precision="fp32")
@@ -517,19 +502,19 @@ HEADER = ("| configuration | trainable M | " + " | ".join(CATEGORIES) +
 
 
 def table_recipes(methods=METHODS, locks=LOCKS) -> list[Recipe]:
-    """The rows of the issue: method x lock x checkpointing x K (RetriNet) at 384 px fp32 and fp16,
+    """The full table: method x lock x checkpointing x K (RetriNet) at 384 px fp32 and fp16,
     and 256 px fp16 (the baselines' recipe)."""
     rows = []
     for method in methods:
         for resolution, precision in ((384, "fp32"), (384, "fp16"), (256, "fp16")):
-            for lock in [lk for lk in locks if lk in LOCKS_OF[method]]:
+            for lock in [lk for lk in locks if lk in METHODS[method].locks]:
                 for ckpt in (False, True):
-                    for k in ((1, 2, 4) if method == "retrinet" else (1,)):
+                    for k in ((1, 2, 4) if METHODS[method].references is None else (1,)):
                         rows.append(Recipe(method, lock, resolution, k, precision, ckpt))
     return rows
 
 
-# The issue's memory goals: (recipe, GiB it must fit in).
+# The memory goals: each recipe and the GiB it must fit in (docs/training.md, what fits where).
 GOALS = [(Recipe("retrinet", "none", 384, 2, "fp32", True), 24),
          (Recipe("retrinet", "decoder", 384, 2, "fp32", True), 16),
          (Recipe("retrinet", "none", 384, 2, "fp32", True, zero=2), 16)]
@@ -594,7 +579,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from training.presets import METHOD_DEFAULTS
     lines = []
 
     def emit(line: str) -> None:
@@ -612,7 +596,7 @@ def main(argv=None) -> int:
             emit(f"| {resolution} px, K = 2, batch 1 | {c['estimated'] / 2**20:.1f} | {c['measured'] / 2**20:.1f} | "
                  f"{c['estimated'] / c['measured']:.4f} |")
     if a.method:
-        defaults = METHOD_DEFAULTS[a.method]
+        defaults = METHODS[a.method].training_defaults
         recipe = Recipe(a.method, a.lock or defaults["lock"], a.resolution, a.refs or defaults["refs"], a.precision,
                         a.checkpointing, a.zero, not a.foreach_adamw)
         est = estimate(recipe)

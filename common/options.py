@@ -1,10 +1,12 @@
 """Choice lists and checks that several command lines offer, each defined once (sample.py,
 eval.protocol, python -m eval, train.py): precisions, concepts, devices, torch.compile backends,
-finite numbers, a writable --out."""
+finite numbers, a writable --out, and old option names kept as aliases."""
 from __future__ import annotations
 
+import argparse
 import math
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -97,3 +99,17 @@ def out_problems(out: str | Path, option: str = "--out") -> list[str]:
     except OSError as e:
         return [f"{option} {out}: cannot write there ({e.strerror or e})"]
     return []
+
+
+class Renamed(argparse.Action):
+    """An option's old name, kept working: it stores into the new option's destination and says on
+    stderr, once per use, which name to use instead (`ap.add_argument("--mode", dest="method",
+    action=Renamed, new="--method", help=argparse.SUPPRESS)`)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is renamed {self.new}; the old name will go", file=sys.stderr)
+        setattr(namespace, self.dest, values)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from common.jsonl import read_objects
-from common.options import CONCEPTS, PRECISIONS
+from common.options import CONCEPTS, PRECISIONS, Renamed
 from .manifest import Generation, ManifestError, resolve, write_manifest
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -91,8 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weights", required=True, help="SD v1.5 single .safetensors file or diffusers folder")
     ap.add_argument("--retrinet", default=None, help="a checkpoint of any --method (RetriNet, ControlNet, "
                     "IP-Adapter; ours or official), as sample.py (without: SD v1.5 from the prompt alone)")
-    ap.add_argument("--mode", choices=list(METHODS), default=None,
+    ap.add_argument("--method", choices=list(METHODS), default=None,
                     help="what --retrinet holds (default: read from the file)")
+    ap.add_argument("--mode", choices=list(METHODS), dest="method", action=Renamed, new="--method",
+                    help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help="this model's folder: images and manifest.jsonl")
     ap.add_argument("--model", default=None, help="model name in the manifest (default: the --out folder's name)")
     ap.add_argument("--size", type=int, default=384, help="generated images are size x size (paper: 384)")
@@ -114,11 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
     """Every problem with the arguments and the characters' references, found before any model is
-    built (the checks sample.py makes); resolves --device, --precision and --mode."""
+    built (the checks sample.py makes); resolves --device, --precision and --method."""
     from common.images import open_image
     from common.options import default_precision, device_problems, out_problems, resolve_device
     from diffusion.sd15 import sampling_problems, unet_config_for
-    from retrinet import reference_problems
+    from retrinet import METHODS, reference_problems
     problems = []
     for c in characters:
         for p in c["refs"]:
@@ -146,10 +148,10 @@ def check(args: argparse.Namespace, characters: list[dict]) -> list[str]:
         return [str(e)]
     for i, c in enumerate(characters):
         found, method = reference_problems(args.retrinet, c["refs"], c["concepts"], ref_size=args.ref_size,
-                                           ref_guidance=args.ref_guidance, mode=args.mode, unet_config=unet_config,
+                                           ref_guidance=args.ref_guidance, method=args.method, unet_config=unet_config,
                                            ip_scale=args.ip_scale, image_encoder=args.image_encoder)
-        args.mode = args.mode or method
-        if args.mode == "ip-adapter" and args.ip_scale is None:
+        args.method = args.method or method
+        if args.method and METHODS[args.method].image_scale and args.ip_scale is None:
             args.ip_scale = 0.5  # the paper evaluates IP-Adapter-0.5-a / -b (Sec. 3.1)
         problems += [p if i == 0 else f"{c['where']}: {p}" for p in found
                      if p not in problems and f"{c['where']}: {p}" not in problems]

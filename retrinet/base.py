@@ -4,7 +4,10 @@ the method adds, what trains under each lock, and checkpoint files.
 A method enters the U-Net through its seam, `UNet.encode` / `UNet.decode(..., skip_residuals,
 middle_residual)`: RetriNet adds cross-attention residuals computed from the references, the
 ControlNet adds the outputs of its own copy of the encoder half. Each method is a subclass of
-`ReferenceUNet` with its own forward pass and a small config dataclass; this module holds the rest:
+`ReferenceUNet` and owns everything that makes it that method: its forward pass and config
+dataclass, how it is built from a command line's choices (`build`, `MethodOptions`), its training
+defaults and the options it refuses (`training_defaults`, `option_problems`), how a training batch
+becomes its inputs (`training_inputs`) and how it samples (`denoiser`). This module holds the rest:
 
 * locks (paper Sec. 5.2): "none" trains the added module and SD's decoder; "decoder" (LockD)
   freezes the decoder; "both" (LockB) also freezes the added module's encoder part. SD's encoder
@@ -14,7 +17,8 @@ ControlNet adds the outputs of its own copy of the encoder half. Each method is 
   U-Net's config in the safetensors metadata (entry "retrinet", for every method);
 * `SavedModel`: that metadata, read back.
 
-`retrinet.checkpoints` tells what any file holds without building a model, and loads it.
+`retrinet.checkpoints` holds `METHODS` and `build_model`, the one place that turns a method's name
+into its model; it also tells what any file holds without building a model, and loads it.
 """
 from __future__ import annotations
 
@@ -34,15 +38,70 @@ LOCKS = ("none", "decoder", "both")  # paper: default, LockD, LockB
 METADATA_KEY = "retrinet"            # the safetensors metadata entry of every checkpoint written here
 
 
+@dataclass
+class MethodOptions:
+    """What a training command line decides about a method's model; each method reads its own."""
+    lock: str = "none"
+    train_base: bool = False              # the whole U-Net trains too (a base trained from scratch)
+    heads: int = 8                        # RetriNet: heads of its reference cross-attention
+    null_reference: bool = False          # RetriNet: a learned null reference (reference dropout)
+    hint_downscale: int = 8               # ControlNet: pixels per latent (the VAE's downscale)
+    image_encoder: nn.Module | None = None  # IP-Adapter: the frozen CLIP image encoder
+
+
 class ReferenceUNet(nn.Module):
     """SD's U-Net (`self.unet`) with a conditioning method's module (`self.added`). Subclasses set
-    `method`, `prefix` (the key prefix of the added weights in files), `config_class`, build the
-    added module, and implement `forward`, `lockb_frozen` and `denoiser` (sampling with references)."""
+    the class attributes below, build the added module, and implement `build`, `forward`,
+    `lockb_frozen`, `training_inputs` and `denoiser` (sampling with references)."""
 
-    method: str = ""   # the name files and command lines use
+    method: str = ""   # the name files and command lines use (--method)
     title: str = ""    # the name messages use
-    prefix: str = ""
+    prefix: str = ""   # the key prefix of the added weights in files
     config_class: type = object
+    references: int | None = None      # reference images it takes (None: any number, each with a concept)
+    needs_image_encoder: bool = False  # its references go through a frozen CLIP image encoder
+    image_scale: bool = False          # sampling weighs its image attention by a scale (ip_scale)
+    reference_at_target_size: bool = False  # its reference is drawn at the target's size (a hint)
+    training_defaults: dict = {}       # train.py's defaults where the preset does not decide
+    locks: tuple = LOCKS               # the locks that apply
+
+    @classmethod
+    def build(cls, unet: UNet, options: MethodOptions) -> "ReferenceUNet":
+        """This method's model around `unet`, as `options` choose (retrinet.build_model)."""
+        raise NotImplementedError
+
+    @classmethod
+    def checkpoint_file(cls) -> str:
+        """The file name of this method's weights in a training checkpoint folder."""
+        return f"{cls.method}.safetensors"
+
+    @classmethod
+    def option_problems(cls, args) -> list[str]:
+        """train.py options (`args`, its namespace) that do not apply to this method. The base class
+        checks what a single-reference baseline refuses; RetriNet takes them all."""
+        method = f"--method {cls.method}"
+        problems = []
+        if args.task != "recon":
+            problems.append(f"{method} takes one whole-figure reference: only --task recon applies, got {args.task}")
+        if args.refs != cls.references:
+            problems.append(f"{method} takes one reference: --refs 1, got {args.refs}")
+        if args.ref_drop > 0:
+            problems.append(f"--ref-drop replaces RetriNet's references by its learned null reference; {method} has none")
+        if "heads" in args.explicit:
+            problems.append(f"--heads sets RetriNet's reference attention; {method} has none")
+        return problems
+
+    @classmethod
+    def official_key_map(cls, cfg: UNetConfig) -> dict[str, str]:
+        """{key in an official file: key in `added`} where they differ for a base U-Net of config
+        `cfg` (IP-Adapter numbers its layers); empty when the official keys are ours."""
+        return {}
+
+    def training_inputs(self, sd, text, batch: dict, gens: list, u, ref_drop: float) -> dict:
+        """The keyword arguments of `forward` besides (x, timesteps) for one training micro-batch:
+        `sd` the frozen SD parts, `text` the prompt encoder (training.objective.Conditioning), `gens`
+        each sample's generator, `u` each sample's uniform dropout draw (B,) on the device."""
+        raise NotImplementedError
 
     def __init__(self, unet: UNet, config):
         super().__init__()
@@ -171,20 +230,15 @@ class SavedModel:
 
     @classmethod
     def read(cls, path: str | Path) -> "SavedModel":
-        """From a file's metadata (clear errors otherwise). Older files name the method "mode" and
-        keep RetriNet's config fields (heads, null_reference) at the top level."""
+        """From a file's metadata (clear errors otherwise)."""
         meta = file_metadata(path)
         if METADATA_KEY not in meta:
             raise CheckpointError(f"{path}: not a RetriNet checkpoint (no '{METADATA_KEY}' metadata)")
         raw = json.loads(meta[METADATA_KEY])
-        method = raw.get("method") or raw.get("mode", "retrinet")
-        config = raw.get("config")
-        if config is None:  # older files
-            config = {"heads": raw.get("heads") or 8, "null_reference": raw.get("null_reference", False)} \
-                if method == "retrinet" else {}
-        if method == "retrinet":  # a RetriNet file that does not name its norm was trained with GroupNorm
-            config = {"norm": "group", **config}
-        return cls(method, config, raw["lock"], raw.get("train_base", False), raw["unet_config"])
+        missing = [k for k in ("method", "config", "lock", "train_base", "unet_config") if k not in raw]
+        if missing:
+            raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata lacks {', '.join(missing)}")
+        return cls(raw["method"], raw["config"], raw["lock"], raw["train_base"], raw["unet_config"])
 
 
 def file_metadata(path: str | Path) -> dict:
@@ -197,8 +251,6 @@ def file_metadata(path: str | Path) -> dict:
 
 def base_config_mismatch(saved: dict, cfg: UNetConfig) -> dict:
     """{field: (file's value, cfg's value)} where a checkpoint's base U-Net config differs from
-    `cfg`; empty when they agree. Fields newer than the file take their defaults."""
+    `cfg` (a field the file lacks: None); empty when they agree."""
     expected = json.loads(json.dumps(cfg.__dict__, default=list))
-    defaults = json.loads(json.dumps(UNetConfig().__dict__, default=list))
-    saved = {k: saved.get(k, defaults[k]) for k in expected}
-    return {k: (saved[k], v) for k, v in expected.items() if saved[k] != v}
+    return {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}

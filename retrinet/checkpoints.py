@@ -15,13 +15,21 @@ import torch
 
 from common.weights import CheckpointError, read_header
 from unet import UNet, UNetConfig
-from .base import METADATA_KEY, ReferenceUNet, SavedModel, base_config_mismatch, file_metadata
+from .base import METADATA_KEY, MethodOptions, ReferenceUNet, SavedModel, base_config_mismatch, file_metadata
 from .controlnet import ControlNetConfig, ControlNetUNet
-from .ip_adapter import IPAdapterUNet, is_official_file, official_config, official_key_map
+from .ip_adapter import IPAdapterUNet, is_official_file, official_config
 from .model import RetriUNet
 
 METHODS: dict[str, type[ReferenceUNet]] = {"retrinet": RetriUNet, "controlnet": ControlNetUNet,
                                            "ip-adapter": IPAdapterUNet}
+
+
+def build_model(method: str, unet: UNet, options: MethodOptions) -> ReferenceUNet:
+    """The model of `method` (a key of METHODS) around `unet`, as `options` choose: the one place a
+    method's name becomes its model (train.py, bench/ and the tests build through it)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[method].build(unet, options)
 
 
 @dataclass
@@ -46,10 +54,8 @@ class CheckpointInfo:
         with torch.device("meta"):
             model = METHODS[self.method](UNet(cfg), **dataclasses.asdict(self.config))
         own = {k: list(v.shape) for k, v in model.added.state_dict().items()}
-        theirs = self.shapes
-        if self.method == "ip-adapter":  # official layer numbers -> our layers, by cfg's table
-            table = official_key_map(cfg)
-            theirs = {table.get(k, k): v for k, v in theirs.items()}
+        table = METHODS[self.method].official_key_map(cfg)  # official names -> ours, for this base
+        theirs = {table.get(k, k): v for k, v in self.shapes.items()}
         return {k: (theirs.get(k), own.get(k)) for k in sorted(set(own) | set(theirs))
                 if theirs.get(k) != own.get(k)}
 
@@ -88,7 +94,5 @@ def load_reference_model(path: str | Path, unet: UNet, image_encoder: torch.nn.M
     """The conditioning model a file holds (RetriNet, ControlNet or IP-Adapter, ours or official)
     around `unet`. `image_encoder` goes to an IP-Adapter (which encodes its references with it); the
     other methods take no image encoder and ignore it."""
-    method = inspect_checkpoint(path).method
-    if method == "ip-adapter":
-        return IPAdapterUNet.load(path, unet, image_encoder=image_encoder)
-    return METHODS[method].load(path, unet)
+    cls = METHODS[inspect_checkpoint(path).method]
+    return cls.load(path, unet, image_encoder=image_encoder) if cls.needs_image_encoder else cls.load(path, unet)

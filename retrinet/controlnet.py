@@ -22,7 +22,7 @@ from common.images import fit_and_pad
 from common.weights import detect_layout, load_strict, read_header, read_tensors
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
-from .base import METADATA_KEY, ReferenceUNet, file_metadata
+from .base import METADATA_KEY, MethodOptions, ReferenceUNet, file_metadata
 
 
 @dataclass
@@ -67,6 +67,10 @@ class ControlNetUNet(ReferenceUNet):
     "decoder", trains the ControlNet alone with SD frozen, as diffusers' train_controlnet.py."""
 
     method, title, prefix, config_class = "controlnet", "ControlNet", "control_model.", ControlNetConfig
+    references, reference_at_target_size = 1, True
+    # As diffusers' train_controlnet.py: one reference (the hint), SD frozen; prompts emptied at
+    # train.py's rate; no face loss (Sec. 3.1 trains the baselines "without extra training tricks").
+    training_defaults = dict(refs=1, lock="decoder", prompt_drop=0.5, face_weight=0.0)
 
     def __init__(self, unet: UNet, lock: str = "decoder", hint_channels: int = 3, hint_downscale: int = 8,
                  train_base: bool = False):
@@ -74,6 +78,18 @@ class ControlNetUNet(ReferenceUNet):
         self.control = self._like_unet(ControlNet(unet.config, hint_channels, hint_downscale))
         self._init_encoder_from_unet(self.control)
         self.set_lock(lock, train_base)
+
+    @classmethod
+    def build(cls, unet: UNet, options: MethodOptions) -> "ControlNetUNet":
+        return cls(unet, lock=options.lock, hint_downscale=options.hint_downscale, train_base=options.train_base)
+
+    @classmethod
+    def option_problems(cls, args) -> list[str]:
+        problems = super().option_problems(args)
+        if args.ref_resolution != args.resolution:
+            problems.append(f"--method {cls.method}: the hint is the reference at the target's size, so "
+                            f"--ref-resolution {args.ref_resolution} must equal --resolution {args.resolution}")
+        return problems
 
     @property
     def added(self) -> ControlNet:
@@ -114,6 +130,16 @@ class ControlNetUNet(ReferenceUNet):
         state = read_tensors(path, names, rename=lambda k: k[len(prefix):], device=p.device, dtype=p.dtype)
         load_strict(model.control, state, source=str(path), layout=detect_layout(keys))
         return model
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_inputs(self, sd, text, batch: dict, gens: list, u, ref_drop: float) -> dict:
+        """The one reference as the hint in [0, 1], at the target's pixel size (as diffusers'
+        train_controlnet.py feeds its conditioning image); prompts were emptied by the loader."""
+        hint = (batch["refs"][:, 0].to(sd.device, non_blocking=True).float() + 1) / 2
+        if hint.shape[-2:] != batch["image"].shape[-2:]:
+            raise ValueError(f"the ControlNet's hint must have the target's size {tuple(batch['image'].shape[-2:])}, "
+                             f"got {tuple(hint.shape[-2:])} (use --ref-resolution = --resolution)")
+        return dict(context=text(batch["prompt"]), hint=hint)
 
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,8 +6,13 @@ U-Net attends to through its own key / value projections (decoupled cross-attent
     e --image_proj: Linear(D -> N * C), reshape (B, N, C), LayerNorm--> c_img (N = 4 tokens)
     in each attn2:  out = to_out( Attn(q, k_text, v_text) + scale * Attn(q, to_k_ip(c_img), to_v_ip(c_img)) )
 
-Only image_proj and the to_k_ip / to_v_ip pairs train (lock "decoder", as in the official training);
-the U-Net takes them through `UNet.forward(..., image_kv=...)`, one (k, v, scale) per transformer block.
+Only image_proj and the to_k_ip / to_v_ip pairs train (lock "decoder", as in the official training).
+IPAdapterUNet installs the image attention at construction: each transformer block's attn2 becomes a
+`DecoupledCrossAttention`, which keeps that layer's to_q / to_k / to_v / to_out modules (SD's keys and
+weights unchanged) and has no weights of its own. Given a tensor context it is SD's cross-attention,
+so the U-Net stays plain SD for every other caller; `IPAdapterUNet.forward` hands the U-Net a
+`DecoupledContext` instead (the text, each layer's image keys and values from the adapter, the scale),
+which `UNet.encode` / `UNet.decode` pass to every attn2 as they pass a text context.
 
 Official files (`ip-adapter_sd15.safetensors`) hold `image_proj.proj.*`, `image_proj.norm.*` and
 `ip_adapter.{n}.to_{k,v}_ip.weight`, n the layer's position among diffusers' attention processors
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,12 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip.preprocess import CLIP_MEAN, CLIP_STD
-from common.attention import split_heads
+from common.attention import attention, merge_heads, split_heads
 from common.images import fit_and_pad
 from common.weights import CheckpointError, read_header, read_tensors
 from unet import UNet, UNetConfig
-from unet.model import BasicTransformerBlock
-from .base import METADATA_KEY, ReferenceUNet, file_metadata
+from unet.model import BasicTransformerBlock, CrossAttention
+from .base import METADATA_KEY, MethodOptions, ReferenceUNet, file_metadata
 
 
 @dataclass
@@ -43,7 +49,7 @@ class IPAdapterConfig:
 
 def cross_attention_layers(cfg: UNetConfig) -> list[tuple[str, int]]:
     """(part, channels) of each transformer block of the U-Net `cfg` describes, in our module order
-    (input_blocks, middle_block, output_blocks; the numbering of `UNet.forward`'s `image_kv`); part is
+    (input_blocks, middle_block, output_blocks; the order of `IPAdapter.layers`); part is
     "down", "mid" or "up". SD v1.5: 6 down, 1 mid, 9 up."""
     mc, levels = cfg.model_channels, range(len(cfg.channel_mult))
     attends = [lv for lv in levels if 2 ** lv in cfg.attention_resolutions]  # LDM: ds = 2^level
@@ -123,8 +129,8 @@ class ImageKV(nn.Module):
         self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
         self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
 
-    def forward(self, tokens: torch.Tensor, scale: float):
-        return split_heads(self.to_k_ip(tokens), self.heads), split_heads(self.to_v_ip(tokens), self.heads), scale
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_heads(self.to_k_ip(tokens), self.heads), split_heads(self.to_v_ip(tokens), self.heads)
 
 
 class IPAdapter(nn.Module):
@@ -137,11 +143,48 @@ class IPAdapter(nn.Module):
         self.layers = nn.ModuleList(ImageKV(ctx, ch, unet_cfg.heads_and_dim(ch)[0])
                                     for _, ch in cross_attention_layers(unet_cfg))
 
-    def forward(self, image_embeds: torch.Tensor, scale: float = 1.0) -> list[tuple]:
-        """image_embeds (B, image_embed_dim) -> `image_kv` for UNet.forward: [(k, v, scale)], k and v
-        (B, heads, num_tokens, dim_head), one per transformer block."""
+    def forward(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """image_embeds (B, image_embed_dim) -> one (k, v) per cross-attention layer (`layers` order),
+        k and v (B, heads, num_tokens, dim_head): a DecoupledContext's `image_kv`."""
         tokens = self.image_proj(image_embeds)
-        return [layer(tokens, scale) for layer in self.layers]
+        return [layer(tokens) for layer in self.layers]
+
+
+class DecoupledContext(NamedTuple):
+    """The context IPAdapterUNet hands the U-Net: the text context (B, L, context_dim), the adapter's
+    image keys and values (one (k, v) per cross-attention layer, `IPAdapter.forward`) and the weight
+    of the image attention."""
+    text: torch.Tensor
+    image_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+
+
+class DecoupledCrossAttention(CrossAttention):
+    """IP-Adapter's decoupled cross-attention, installed in place of a transformer block's attn2 (`attn`),
+    whose projection modules it keeps: same keys, same weights, no parameters of its own. Given a
+    DecoupledContext, out = to_out(Attn(q, k_text, v_text) + scale * Attn(q, k_ip, v_ip)) with
+    (k_ip, v_ip) the context's entry `index`, through the same attention function and options; the
+    text mask applies to the text alone. Given anything else, it is `attn`: plain SD."""
+
+    def __init__(self, attn: CrossAttention, index: int):
+        nn.Module.__init__(self)  # not CrossAttention.__init__: the projections are attn's, not new ones
+        self.heads = attn.heads
+        self.to_q, self.to_k, self.to_v, self.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
+        self.upcast, self.chunk_size, self.recorder = attn.upcast, attn.chunk_size, attn.recorder
+        self.training = attn.training
+        self.index = index  # this layer's position among the U-Net's cross-attention layers (module order)
+
+    def forward(self, x, context=None, context_mask=None):
+        if not isinstance(context, DecoupledContext):
+            return super().forward(x, context, context_mask)
+        text = context.text
+        q, k, v = (split_heads(t, self.heads) for t in (self.to_q(x), self.to_k(text), self.to_v(text)))
+        out = attention(q, k, v, key_padding_mask=context_mask, upcast=self.upcast, chunk_size=self.chunk_size)
+        if self.recorder is not None:
+            self.recorder(self, q, k)
+        k_ip, v_ip = context.image_kv[self.index]
+        out = out + context.scale * attention(q, k_ip, v_ip, upcast=self.upcast, chunk_size=self.chunk_size)
+        return self.to_out(merge_heads(out))
 
 
 # -- CLIP preprocessing of training pixels ----------------------------------------------------------
@@ -187,21 +230,34 @@ class IPAdapterUNet(ReferenceUNet):
     with SD frozen, as the official training; "none" also trains SD's decoder; LockB does not apply."""
 
     method, title, prefix, config_class = "ip-adapter", "IP-Adapter", "ip_adapter.", IPAdapterConfig
+    references, needs_image_encoder, image_scale = 1, True, True
+    locks = ("none", "decoder")  # no encoder of its own for LockB to freeze
+    # As the official tutorial_train.py: one reference, SD and the image encoder frozen, and its own
+    # dropout of image, text or both (`training_inputs`), so no prompt dropout by the loader; no face
+    # loss (Sec. 3.1 trains the baselines "without extra training tricks").
+    training_defaults = dict(refs=1, lock="decoder", prompt_drop=0.0, face_weight=0.0)
+    drops = (0.05, 0.05, 0.05)  # probabilities of dropping the image alone, the text alone, both
 
     def __init__(self, unet: UNet, image_embed_dim: int = 768, num_tokens: int = 4, lock: str = "decoder",
                  train_base: bool = False, image_encoder: nn.Module | None = None):
         super().__init__(unet, IPAdapterConfig(image_embed_dim, num_tokens))
         self.adapter = self._like_unet(IPAdapter(unet.config, image_embed_dim, num_tokens))
-        if len(self.adapter.layers) != unet.num_transformer_blocks:
-            raise ValueError(f"the U-Net has {unet.num_transformer_blocks} transformer blocks, its config "
+        blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+        if len(self.adapter.layers) != len(blocks):
+            raise ValueError(f"the U-Net has {len(blocks)} transformer blocks, its config "
                              f"describes {len(self.adapter.layers)}")
         # As the official tutorial_train.py: each to_k_ip / to_v_ip starts as a copy of its layer's
         # text to_k / to_v, so the image tokens are first read the way text tokens are.
-        blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
         with torch.no_grad():
             for layer, block in zip(self.adapter.layers, blocks):
                 layer.to_k_ip.weight.copy_(block.attn2.to_k.weight)
                 layer.to_v_ip.weight.copy_(block.attn2.to_v.weight)
+        # The image attention goes into the U-Net itself. A U-Net that already has it (another
+        # IP-Adapter around the same U-Net) keeps it: the layers hold no adapter weights, each
+        # call brings its own, so every IP-Adapter around one U-Net stays independent.
+        for i, block in enumerate(blocks):
+            if not isinstance(block.attn2, DecoupledCrossAttention):
+                block.attn2 = DecoupledCrossAttention(block.attn2, i)
         self.image_encoder = None
         self.attach_image_encoder(image_encoder)
         self.set_lock(lock, train_base)
@@ -236,13 +292,19 @@ class IPAdapterUNet(ReferenceUNet):
         return self
 
     def forward(self, x, timesteps, context, image_embeds, scale: float = 1.0):
-        """With scale 0 the adapter is skipped: plain SD, exactly. Gradients reach the adapter through
-        the (frozen) U-Net's cross-attention layers."""
+        """With scale 0 the adapter is skipped: plain SD, exactly. Otherwise the U-Net runs on a
+        DecoupledContext; gradients reach the adapter through its (frozen) cross-attention layers."""
         b, d = x.shape[0], self.config.image_embed_dim
         if image_embeds.dim() != 2 or tuple(image_embeds.shape) != (b, d):
             raise ValueError(f"image_embeds must be ({b}, {d}), got {tuple(image_embeds.shape)}")
-        image_kv = None if scale == 0 else self.adapter(image_embeds, scale)
-        return self.unet(x, timesteps, context, image_kv=image_kv)
+        unet = self.unet
+        if scale == 0:
+            return unet(x, timesteps, context)
+        unet.check_inputs(x, context)
+        context = DecoupledContext(context, self.adapter(image_embeds), scale)
+        emb = unet.embed_time(timesteps, b, x.dtype)
+        skips, middle = unet.encode(x, emb, context)
+        return unet.decode(skips, middle, emb, context)
 
     # -- references -------------------------------------------------------------------------------
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -261,6 +323,49 @@ class IPAdapterUNet(ReferenceUNet):
                              f"(N, {self.config.image_embed_dim})")
         return out
 
+    @classmethod
+    def build(cls, unet: UNet, options: MethodOptions) -> "IPAdapterUNet":
+        encoder = options.image_encoder
+        if encoder is None:
+            raise ValueError("the IP-Adapter is built with its image encoder (MethodOptions.image_encoder)")
+        return cls(unet, image_embed_dim=encoder.config.projection_dim, lock=options.lock,
+                   train_base=options.train_base, image_encoder=encoder)
+
+    @classmethod
+    def option_problems(cls, args) -> list[str]:
+        problems = super().option_problems(args)
+        if args.lock == "both":
+            problems.append("--lock both (LockB) freezes an encoder the IP-Adapter does not have; use none or decoder")
+        if "prompt_drop" in args.explicit:
+            problems.append("--prompt-drop: the IP-Adapter drops the text, the image or both with probability 0.05 "
+                            "each, as its official training; it takes no --prompt-drop")
+        if args.preset != "tiny" and not args.image_encoder:
+            problems.append(f"--method ip-adapter with --preset {args.preset} needs --image-encoder (CLIP vision "
+                            f"weights: the official image_encoder/ folder or openai/clip-vit-large-patch14)")
+        if args.preset == "tiny" and args.image_encoder:
+            problems.append("--preset tiny takes its image encoder from its stack's CLIP: --image-encoder belongs to "
+                            "the sd15 presets")
+        if args.image_encoder and not Path(args.image_encoder).exists():
+            problems.append(f"--image-encoder {args.image_encoder}: no such file or folder")
+        return problems
+
+    @classmethod
+    def official_key_map(cls, cfg: UNetConfig) -> dict[str, str]:
+        return official_key_map(cfg)
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_inputs(self, sd, text, batch: dict, gens: list, u, ref_drop: float) -> dict:
+        """The one reference's CLIP image embedding (frozen encoder). As IP-Adapter's official training
+        script: with probability 0.05 each, the image embedding is zeroed, the text emptied, or both."""
+        p_image, p_text, p_both = self.drops
+        drop_image = (u < p_image) | ((u >= p_image + p_text) & (u < p_image + p_text + p_both))
+        drop_text = (u >= p_image) & (u < p_image + p_text + p_both)
+        # The empty prompt's embedding where the text is dropped, chosen on the device (no host sync).
+        context = torch.where(drop_text[:, None, None], text([""]), text(batch["prompt"]))
+        embeds = self.encode_references(batch["refs"][:, 0].to(sd.device, non_blocking=True))
+        return dict(context=context, image_embeds=embeds * (~drop_image).to(embeds.dtype)[:, None])
+
+    # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
     def denoiser(self, sd, references: list[Image.Image], concepts: list[str], *, ref_size: int, height: int,
                  width: int, scale: float = 1.0):

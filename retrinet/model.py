@@ -27,34 +27,24 @@ from common.attention import attention, merge_heads, project_tokens, split_heads
 from common.images import fit_and_pad
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
-from .base import ReferenceUNet
-
-
-NORMS = ("layer", "group")  # how both sides of a reference cross-attention are normalised
+from .base import MethodOptions, ReferenceUNet
 
 
 class ReferenceCrossAttention(nn.Module):
     """Queries from the U-Net's feature at one site, keys/values from E's features of every
     reference at the same site (Sec. 5.1). Both sides are reshaped to tokens and layer-normalised
     over channels (Supp. A.4: "with proper reshaping and layer normalization"); multi-head; the one
-    attention function with a key-padding mask for absent references. `norm="group"` (GroupNorm over
-    the feature map) is how checkpoints written before 2026-12-01 were trained; they keep it."""
+    attention function with a key-padding mask for absent references."""
 
-    def __init__(self, channels: int, heads: int, null_reference: bool = False, norm: str = "layer",
-                 groups: int = 32):
+    def __init__(self, channels: int, heads: int, null_reference: bool = False):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by {heads} heads")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.heads = heads
         # The learned null reference (docs/design.md section 5, `ref_drop`): one normalised key/value
         # token that replaces all references of a sample whose references were dropped.
         self.null = nn.Parameter(torch.randn(channels) * channels ** -0.5) if null_reference else None
-
-        def make():
-            return nn.LayerNorm(channels) if norm == "layer" else nn.GroupNorm(groups, channels, eps=1e-6)
-        self.norm_q, self.norm_kv = make(), make()
+        self.norm_q, self.norm_kv = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_k = nn.Linear(channels, channels, bias=False)
         self.to_v = nn.Linear(channels, channels, bias=False)
@@ -90,10 +80,8 @@ class ReferenceCrossAttention(nn.Module):
         return self.to_out(merge_heads(attention(q, k, v, key_padding_mask=mask)))
 
 
-def _normed_tokens(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> normalised tokens (B, HW, C): LayerNorm on the tokens, GroupNorm on the map."""
-    if isinstance(norm, nn.GroupNorm):
-        return rearrange(norm(x), "b c h w -> b (h w) c")
+def _normed_tokens(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> tokens (B, HW, C), each layer-normalised over its channels."""
     return norm(rearrange(x, "b c h w -> b (h w) c"))
 
 
@@ -101,12 +89,11 @@ class RetriNet(nn.Module):
     """E plus the 13 cross-attention layers and zero convs. Keys: `encoder.*` (E, named as SD's
     encoder half), `cross_attn.{0..12}.*`, `zero_convs.{0..12}.*` (site 12 = the middle block)."""
 
-    def __init__(self, unet_cfg: UNetConfig, heads: int = 8, null_reference: bool = False, norm: str = "layer"):
+    def __init__(self, unet_cfg: UNetConfig, heads: int = 8, null_reference: bool = False):
         super().__init__()
         self.encoder = UNetEncoder(unet_cfg)
         sites = self.encoder.skip_channels + [self.encoder.middle_channels]
-        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference, norm, unet_cfg.norm_groups)
-                                        for c in sites)
+        self.cross_attn = nn.ModuleList(ReferenceCrossAttention(c, heads, null_reference) for c in sites)
         self.null_reference = null_reference
         self.zero_convs = nn.ModuleList(zero_(nn.Conv2d(c, c, 1)) for c in sites)
         self.heads = heads
@@ -157,7 +144,6 @@ class RetriNet(nn.Module):
 class RetriNetConfig:
     heads: int = 8                 # attention heads of the 13 reference cross-attention layers
     null_reference: bool = False   # a learned null reference (trained with reference dropout)
-    norm: str = "layer"            # "group" in checkpoints written before 2026-12-01
 
 
 class RetriUNet(ReferenceUNet):
@@ -170,13 +156,25 @@ class RetriUNet(ReferenceUNet):
     """
 
     method, title, prefix, config_class = "retrinet", "RetriNet", "retrinet.", RetriNetConfig
+    # The paper's recipe (Sec. 5.2): K = 2 references, SD's decoder trains, half the prompts emptied,
+    # Eq. 3's face term at lambda_face = 0.1.
+    training_defaults = dict(refs=2, lock="none", prompt_drop=0.5, face_weight=0.1)
 
     def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", null_reference: bool = False,
-                 train_base: bool = False, norm: str = "layer"):
-        super().__init__(unet, RetriNetConfig(heads, null_reference, norm))
-        self.retrinet = self._like_unet(RetriNet(unet.config, heads, null_reference, norm))
+                 train_base: bool = False):
+        super().__init__(unet, RetriNetConfig(heads, null_reference))
+        self.retrinet = self._like_unet(RetriNet(unet.config, heads, null_reference))
         self._init_encoder_from_unet(self.retrinet.encoder)
         self.set_lock(lock, train_base)
+
+    @classmethod
+    def build(cls, unet: UNet, options: MethodOptions) -> "RetriUNet":
+        return cls(unet, heads=options.heads, lock=options.lock, null_reference=options.null_reference,
+                   train_base=options.train_base)
+
+    @classmethod
+    def option_problems(cls, args) -> list[str]:
+        return []  # every task, any K, reference dropout and --heads apply
 
     @property
     def added(self) -> RetriNet:
@@ -218,6 +216,20 @@ class RetriUNet(ReferenceUNet):
             raise ValueError(f"ref_mask must have shape {(b, k)}, got {tuple(ref_mask.shape)}")
         if ref_drop is not None and not self.retrinet.null_reference:
             raise ValueError("ref_drop needs a RetriNet built with null_reference=True (trained with reference dropout)")
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_inputs(self, sd, text, batch: dict, gens: list, u, ref_drop: float) -> dict:
+        """K references as VAE posterior samples with their concept texts; a sample whose draw u falls
+        below `ref_drop` sees the learned null reference instead (our addition, docs/design.md section 5)."""
+        refs = batch["refs"].to(sd.device, non_blocking=True)
+        b, k = refs.shape[:2]
+        post = sd.vae.encode(refs.flatten(0, 1))
+        ref_noise = torch.stack([torch.randn((k, *post.mean.shape[1:]), generator=g) for g in gens]).to(sd.device)
+        latents = (post.mean.float().unflatten(0, (b, k)) + post.std.float().unflatten(0, (b, k)) * ref_noise)
+        ref_context = text([c for cs in batch["concepts"] for c in cs]).unflatten(0, (b, k))
+        return dict(context=text(batch["prompt"]), refs=latents * sd.latent_scale, ref_context=ref_context,
+                    ref_mask=batch["ref_mask"].to(sd.device),
+                    ref_drop=(u < ref_drop) if self.config.null_reference else None)
 
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()

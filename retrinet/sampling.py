@@ -78,7 +78,7 @@ def generate(sd: StableDiffusion, prompt: str, *, model: ReferenceUNet | None = 
     if ref_guidance is not None and not getattr(model.config, "null_reference", False):
         raise ValueError(f"ref_guidance needs a RetriNet with a null reference (trained with reference dropout), "
                          f"not this {model.method}")
-    ip_adapter = model is not None and model.method == "ip-adapter"
+    ip_adapter = model is not None and model.image_scale
     if ip_scale is not None and not ip_adapter:
         raise ValueError(f"ip_scale weighs an IP-Adapter's image attention; not for {model.method if model else 'SD'}")
     predictor = None
@@ -121,7 +121,7 @@ def png_parameters(params: dict, *, weights: str | Path, precision: str, device:
 
 
 def reference_problems(checkpoint: str | Path | None, references: list[str | Path], concepts: list[str], *,
-                       ref_size: int, ref_guidance: float | None, mode: str | None, unet_config: UNetConfig,
+                       ref_size: int, ref_guidance: float | None, method: str | None, unet_config: UNetConfig,
                        ip_scale: float | None = None, image_encoder: str | Path | None = None
                        ) -> tuple[list[str], str | None]:
     """Every problem with a request to sample with references, found without building a model:
@@ -166,18 +166,18 @@ def reference_problems(checkpoint: str | Path | None, references: list[str | Pat
                 else f"not a {METHODS[info.method].title} for this base U-Net (keys or shapes differ: "
                      f"{', '.join(list(diff)[:3])})")
         return problems + [f"--retrinet {ckpt}: {what}"], info.method
-    if mode and mode != info.method:
-        return problems + [f"--mode {mode}: {ckpt} holds a {info.method} checkpoint"], info.method
+    if method and method != info.method:
+        return problems + [f"--method {method}: {ckpt} holds a {info.method} checkpoint"], info.method
+    cls = METHODS[info.method]
     if ref_guidance is not None and not getattr(info.config, "null_reference", False):
         problems.append(f"--ref-guidance: {ckpt} has no null reference (it was not trained with reference dropout)"
-                        if info.method == "retrinet" else
+                        if hasattr(info.config, "null_reference") else
                         f"--ref-guidance needs a RetriNet with a null reference, not a {info.method}")
-    if info.method != "retrinet" and len(references) != 1:
-        problems.append(f"--refs: the {METHODS[info.method].title} baseline takes one reference image, "
-                        f"got {len(references)}")
-    if info.method == "ip-adapter" and image_encoder is None:
-        problems.append(f"--retrinet {ckpt} is an IP-Adapter: it needs --image-encoder (CLIP vision weights)")
-    if info.method != "ip-adapter":
+    if cls.references is not None and len(references) != cls.references:
+        problems.append(f"--refs: the {cls.title} baseline takes one reference image, got {len(references)}")
+    if cls.needs_image_encoder and image_encoder is None:
+        problems.append(f"--retrinet {ckpt} is an {cls.title}: it needs --image-encoder (CLIP vision weights)")
+    if not cls.needs_image_encoder:
         problems += [f"{flag} applies to IP-Adapter checkpoints; {ckpt} holds a {info.method}" for flag, value in
                      (("--ip-scale", ip_scale), ("--image-encoder", image_encoder)) if value is not None]
     return problems, info.method

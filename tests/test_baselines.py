@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import train
-from test_sd15 import run_sample
-from test_train import FAST, data, losses, max_diff, sd15_args, small_weights, torchrun, weights  # noqa: F401
+from helpers import FAST, losses, max_diff, run_sample, sd15_args, torchrun, weights
+from training.checkpoints import model_file
 
 METHODS = ["controlnet", "ip-adapter"]
 i = FAST.index("--ref-resolution")
@@ -23,6 +23,7 @@ def _train(data, out, method, *extra):
     return run(data, out, "--method", method, *extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_trains_in_a_and_b_resumes_exactly_and_samples(data, tmp_path, method):
     for setting in ("a", "b"):
@@ -42,7 +43,7 @@ def test_trains_in_a_and_b_resumes_exactly_and_samples(data, tmp_path, method):
     ref = next((data / "images").iterdir())
     extra = ["--image-encoder", run_dir / "image-encoder"] if method == "ip-adapter" else []
     r = run_sample("--weights", run_dir / "base.safetensors", "--config", run_dir / "base-config.json",
-                   "--retrinet", run_dir / "checkpoints" / "step-000004" / "retrinet.safetensors", "--refs", ref,
+                   "--retrinet", run_dir / "checkpoints" / "step-000004" / f"{method}.safetensors", "--refs", ref,
                    "--ref-size", 16, "--prompt", "", "--height", 16, "--width", 16, "--steps", 2, "--sampler", "ddim",
                    "--device", "cpu", "--out", tmp_path / "samples", *extra)
     assert r.returncode == 0, r.stderr
@@ -53,6 +54,7 @@ def test_trains_in_a_and_b_resumes_exactly_and_samples(data, tmp_path, method):
         assert params["ip_scale"] == 1.0 and params["image_encoder"] == "image-encoder"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_two_processes_equal_one(data, tmp_path, method):
     """2 processes x batch 2 x 2 accumulation == 1 process x batch 4 x 2 (see test_train for why
@@ -88,7 +90,7 @@ def test_options_that_do_not_apply_are_refused(data, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def one_step_runs(data, tmp_path_factory):  # noqa: F811
+def one_step_runs(data, tmp_path_factory):
     """{method: a tiny run folder with a one-step checkpoint}."""
     root = tmp_path_factory.mktemp("one-step")
     for method in METHODS + ["retrinet"]:
@@ -97,10 +99,11 @@ def one_step_runs(data, tmp_path_factory):  # noqa: F811
 
 
 def _checkpoint(run_dir):
-    return run_dir / "checkpoints" / "step-000001" / "retrinet.safetensors"
+    return model_file(run_dir / "checkpoints" / "step-000001")
 
 
-def test_sample_refuses_options_of_other_methods(data, tmp_path, one_step_runs):  # noqa: F811
+@pytest.mark.slow
+def test_sample_refuses_options_of_other_methods(data, tmp_path, one_step_runs):
     """sample.py names what does not fit the checkpoint's method before it builds anything."""
     refs = sorted((data / "images").iterdir())[:2]
 
@@ -123,7 +126,8 @@ def test_sample_refuses_options_of_other_methods(data, tmp_path, one_step_runs):
         assert "loaded" not in r.stderr
 
 
-def test_the_evaluation_protocol_runs_every_method(data, tmp_path, one_step_runs, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_the_evaluation_protocol_runs_every_method(data, tmp_path, one_step_runs, capsys):
     """Every method through python -m eval.protocol; an IP-Adapter at the paper's scale 0.5 by default."""
     from eval import protocol
     from eval.manifest import read_manifest
@@ -143,8 +147,9 @@ def test_the_evaluation_protocol_runs_every_method(data, tmp_path, one_step_runs
         assert params["mode"] == method and params.get("ip_scale") == (0.5 if method == "ip-adapter" else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_sd15_preset_trains_only_the_baseline_then_samples(data, tmp_path, small_weights, method):  # noqa: F811
+def test_sd15_preset_trains_only_the_baseline_then_samples(data, tmp_path, small_weights, method):
     """Two steps of the sd15 preset: SD stays frozen (lock decoder), so the checkpoint holds the
     baseline's own weights only; it drives sample.py (an IP-Adapter with its image encoder)."""
     import dataclasses
@@ -165,7 +170,7 @@ def test_sd15_preset_trains_only_the_baseline_then_samples(data, tmp_path, small
         extra = ["--image-encoder", str(folder)]
     out = tmp_path / "sd15"
     assert train.main(sd15_args(data, out, small_weights, "--method", method, "--max-steps", 2, *extra)) == 0
-    ckpt = out / "checkpoints" / "step-000002" / "retrinet.safetensors"
+    ckpt = out / "checkpoints" / "step-000002" / f"{method}.safetensors"  # checkpoint files are named for their method
     prefix = {"controlnet": "control_model.", "ip-adapter": "ip_adapter."}[method]
     assert all(k.startswith(prefix) for k in load_file(ckpt))
     w, c = small_weights

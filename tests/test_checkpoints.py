@@ -2,6 +2,7 @@
 and loading any of them with load_reference_model."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -45,24 +46,21 @@ def test_our_retrinet_file(tmp_path):
         assert torch.equal(loaded.eval()(x, t, ctx, refs, ref_ctx), model.eval()(x, t, ctx, refs, ref_ctx))
 
 
-def test_files_from_before_the_config_field_still_load(tmp_path):
-    """Earlier files name the method "mode", keep heads / null_reference at the top level, and were
-    trained with GroupNorm in the reference attention (they do not name their norm)."""
-    model = RetriUNet(_unet(), heads=2, null_reference=True, norm="group")
+def test_a_file_whose_metadata_lacks_an_entry_is_refused_naming_it(tmp_path):
+    """Every entry `save` writes is required: a file without one is refused in one line that names
+    the file and the entries."""
+    model = RetriUNet(_unet(), heads=2, null_reference=True)
     randomize_(model.retrinet, seed=4)
     model.save(tmp_path / "new.safetensors")
     with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
         meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    new = json.loads(meta["retrinet"])
-    old = {"unet_config": new["unet_config"], "mode": "retrinet", "lock": "none", "heads": 2,
-           "null_reference": True, "train_base": False}
-    save_file(state, str(tmp_path / "old.safetensors"), metadata={**meta, "retrinet": json.dumps(old)})
-    info = inspect_checkpoint(tmp_path / "old.safetensors")
-    assert (info.method, info.config) == ("retrinet", RetriNetConfig(heads=2, null_reference=True, norm="group"))
-    loaded = RetriUNet.load(tmp_path / "old.safetensors", _unet()).eval()
-    x, t, ctx, refs, ref_ctx = _inputs()
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t, ctx, refs, ref_ctx), model.eval()(x, t, ctx, refs, ref_ctx))
+    info = json.loads(meta["retrinet"])
+    for key in ("method", "config", "lock", "train_base", "unet_config"):
+        partial = {k: v for k, v in info.items() if k != key}
+        path = tmp_path / f"no-{key}.safetensors"
+        save_file(state, str(path), metadata={**meta, "retrinet": json.dumps(partial)})
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: its 'retrinet' metadata lacks {key}$"):
+            inspect_checkpoint(path)
 
 
 def test_controlnet_files_ours_and_official(tmp_path):
@@ -97,12 +95,29 @@ def test_files_that_are_neither(tmp_path):
     with pytest.raises(CheckpointError, match=r"nometa.safetensors: not a RetriNet checkpoint \(no 'retrinet' metadata"):
         inspect_checkpoint(tmp_path / "nometa.safetensors")
     save_file({"retrinet.x": torch.zeros(2)}, tmp_path / "alien.safetensors", metadata={"retrinet": json.dumps(
-        {"method": "lora", "config": {}, "lock": "none", "unet_config": {}})})
+        {"method": "lora", "config": {}, "lock": "none", "train_base": False, "unet_config": {}})})
     with pytest.raises(CheckpointError, match=r"alien.safetensors: unknown method 'lora'"):
         inspect_checkpoint(tmp_path / "alien.safetensors")
     save_file({"retrinet.x": torch.zeros(2)}, tmp_path / "badcfg.safetensors", metadata={"retrinet": json.dumps(
-        {"method": "retrinet", "config": {"heads": 2, "depth": 3}, "lock": "none", "unet_config": {}})})
+        {"method": "retrinet", "config": {"heads": 2, "depth": 3}, "lock": "none", "train_base": False,
+         "unet_config": {}})})
     with pytest.raises(CheckpointError, match=r"badcfg.safetensors: bad retrinet config in its metadata"):
         inspect_checkpoint(tmp_path / "badcfg.safetensors")
     with pytest.raises(CheckpointError, match=r"missing.safetensors: no such file"):
         inspect_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_files_are_named_for_their_method_and_the_old_name_still_loads(tmp_path):
+    """A training checkpoint holds <method>.safetensors; a folder from an earlier version holds every
+    method's weights as retrinet.safetensors, which model_file still finds."""
+    from training.checkpoints import model_file
+    model = ControlNetUNet(_unet(), hint_downscale=1)
+    assert model.checkpoint_file() == "controlnet.safetensors"
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir()
+    old.mkdir()
+    model.save(new / model.checkpoint_file())
+    model.save(old / "retrinet.safetensors")
+    assert model_file(new, "controlnet") == model_file(new) == new / "controlnet.safetensors"
+    assert model_file(old, "controlnet") == model_file(old) == old / "retrinet.safetensors"
+    assert inspect_checkpoint(model_file(old)).method == "controlnet"

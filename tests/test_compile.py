@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) takes every model whole (issue: GPU readiness): the U-Net, the VAE,
+"""torch.compile(fullgraph=True) takes every model whole: the U-Net, the VAE,
 the CLIP text and image towers, and one training step's forward and backward of each conditioning
 method. A graph break (a Python branch on a tensor's value, `.item()`, a data-dependent shape) is an
 error under fullgraph, so these tests fail on the first one. The aot_eager backend traces forward
@@ -14,13 +14,10 @@ import torch
 import torch._dynamo
 from PIL import Image
 
-import train
 from clip import CLIPVisionModelWithProjection
-from helpers import randomize_
-from retrinet import ControlNetUNet, IPAdapterUNet, RetriUNet
-from test_sd15 import run_sample
-from test_train import FAST, data, losses, run, torchrun  # noqa: F401
-from training.objective import denoising_loss
+from helpers import FAST, losses, randomize_, run, run_sample, torchrun
+from retrinet import METHODS, MethodOptions, build_model
+from training.objective import Conditioning, denoising_loss
 from training.presets import build_tiny, tiny_configs
 from unet import UNet
 from vae import AutoencoderKL, VAEConfig
@@ -53,6 +50,7 @@ def sd():
     return small_sd(11)
 
 
+@pytest.mark.slow
 def test_unet_text_and_image_towers_compile_whole(sd):
     g = torch.Generator().manual_seed(0)
     unet = randomize_(sd.unet, 1)  # every parameter, the zero-initialised output layers too
@@ -67,6 +65,7 @@ def test_unet_text_and_image_towers_compile_whole(sd):
         assert close(compiled(vision)(pixels), vision(pixels))
 
 
+@pytest.mark.slow
 def test_vae_compiles_whole():
     vae = randomize_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)), 3)
     g = torch.Generator().manual_seed(1)
@@ -77,27 +76,29 @@ def test_vae_compiles_whole():
 
 
 def method_inputs(method: str, b: int, g: torch.Generator) -> tuple:
-    """A model of `method` with its sd15 lock (SD frozen but for RetriNet's decoder) on a fresh tiny
-    U-Net (every parameter random, the zero convs too), and its inputs as training.objective's
-    CONDITIONS make them: RetriNet with a missing reference and a dropped sample (null reference),
-    ControlNet's hint at the target's size, an IP-Adapter embedding."""
+    """A model of `method` built as train.py builds it (retrinet.build_model, the method's default
+    lock) on a fresh tiny U-Net (every parameter random, the zero convs too), and its inputs as its
+    own `training_inputs` draws them from a batch: RetriNet with a missing reference and a dropped
+    sample (null reference), ControlNet's hint at the target's size, IP-Adapter's image embedding
+    with one sample's image dropped."""
     sd = small_sd(12)
-    if method == "retrinet":
-        model = RetriUNet(sd.unet, heads=1, null_reference=True)
-        inputs = dict(context=torch.randn(b, 77, 64, generator=g), refs=torch.randn(b, 2, 3, 16, 16, generator=g),
-                      ref_context=torch.randn(b, 2, 77, 64, generator=g),
-                      ref_mask=torch.tensor([[True, True], [True, False], [False, False]]),
-                      ref_drop=torch.tensor([False, True, False]))
-    elif method == "controlnet":
-        model = ControlNetUNet(sd.unet, hint_downscale=1)
-        inputs = dict(context=torch.randn(b, 77, 64, generator=g), hint=torch.rand(b, 3, 24, 24, generator=g))
-    else:
-        encoder = CLIPVisionModelWithProjection(tiny_configs()["image_encoder"])
-        model = IPAdapterUNet(sd.unet, image_embed_dim=64, image_encoder=encoder)
-        inputs = dict(context=torch.randn(b, 77, 64, generator=g), image_embeds=torch.randn(b, 64, generator=g))
-    return randomize_(model, 4), inputs
+    encoder = CLIPVisionModelWithProjection(tiny_configs()["image_encoder"])
+    options = MethodOptions(lock=METHODS[method].training_defaults["lock"], heads=1, null_reference=True,
+                            hint_downscale=1, image_encoder=encoder)
+    model = randomize_(build_model(method, sd.unet, options), 4)
+    k = METHODS[method].training_defaults["refs"]
+    batch = {"image": torch.rand(b, 3, 24, 24, generator=g) * 2 - 1,
+             "refs": torch.rand(b, k, 3, 24, 24, generator=g) * 2 - 1,
+             "ref_mask": torch.tensor([[True, True], [True, False], [False, False]])[:, :k],
+             "prompt": ["1girl, blue background", "", "1boy"], "concepts": [["figure"] * k] * b}
+    gens = [torch.Generator().manual_seed(i) for i in range(b)]
+    u = torch.tensor([0.9, 0.01, 0.9])  # the second sample drops its references (RetriNet) or its image (IP-Adapter)
+    with torch.no_grad():
+        inputs = model.training_inputs(sd, Conditioning(sd), batch, gens, u, ref_drop=0.5)
+    return model, inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["retrinet", "controlnet", "ip-adapter"])
 def test_training_step_forward_and_backward_compile_whole(method):
     """denoising_loss (the model's forward and the masked, weighted loss) compiled whole gives eager
@@ -119,6 +120,7 @@ def test_training_step_forward_and_backward_compile_whole(method):
     assert all(close(comp[n], eager[n], 1e-4) for n in eager), [n for n in eager if not close(comp[n], eager[n], 1e-4)]
 
 
+@pytest.mark.slow
 def test_train_compile_gives_eager_losses_in_one_process_and_under_ddp(data, tmp_path):
     """train.py --compile: one process (the loss one graph, fullgraph) gives eager's losses; so do two
     processes with the same global batch, where DDP's forward hooks run between graphs (Adam's eps
@@ -134,6 +136,7 @@ def test_train_compile_gives_eager_losses_in_one_process_and_under_ddp(data, tmp
     assert np.allclose(losses(tmp_path / "ddp"), eager, rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 def test_sample_compile_gives_eager_images(data, tmp_path):
     assert run(data, tmp_path / "run", "--max-steps", 1, "--save-every", 1, "--device", "cpu") == 0
     run_dir = tmp_path / "run"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import bench_module
-from training.presets import METHOD_DEFAULTS, PRESETS
+import retrinet
+from training.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.sh"
@@ -89,7 +90,7 @@ def test_train_runs_every_method_and_lock_beside_its_estimate(dry):
     assert all(option(a, "--preset") == "sd15" and option(a, "--device") == "cuda" for a in train_runs.values())
     # The shapes the estimate is asked for are bench/train.py's (sd15 preset, each method's K).
     assert PRESETS["sd15"]["resolution"] == TRAIN_SHAPE["retrinet"][0]
-    assert all(METHOD_DEFAULTS[m]["refs"] == TRAIN_SHAPE[m][1] for m in METHODS)
+    assert all(retrinet.METHODS[m].training_defaults["refs"] == TRAIN_SHAPE[m][1] for m in METHODS)
     memory = bench_commands(commands)["memory"]
     assert len(memory) == 8
     assert {(option(a, "--method"), option(a, "--lock")) for a in memory} == set(train_runs)

@@ -1,6 +1,7 @@
-"""The IP-Adapter baseline (IPAdapterUNet): the U-Net's image_kv plumbing, parity with diffusers'
-UNet2DConditionModel carrying the same weights loaded through diffusers' own IP-Adapter loader, the
-official layout and its layer numbering, our files, locks and gradients, reference encoding and sampling."""
+"""The IP-Adapter baseline (IPAdapterUNet): the decoupled cross-attention it installs in the U-Net,
+parity with diffusers' UNet2DConditionModel carrying the same weights loaded through diffusers' own
+IP-Adapter loader, the official layout and its layer numbering, our files, locks and gradients,
+reference encoding and sampling."""
 import dataclasses
 from types import SimpleNamespace
 
@@ -13,16 +14,17 @@ from diffusers.models.attention_processor import AttnProcessor, IPAdapterAttnPro
 from PIL import Image
 from safetensors.torch import save_file
 
-from bench.verify import diffusers_ip_adapter
+from bench.oracles import diffusers_ip_adapter, diffusers_unet, unet_yaml
 from clip import CLIPVisionConfig, CLIPVisionModelWithProjection, preprocess
 from common.images import fit_and_pad
 from common.weights import CheckpointError
 from helpers import randomize_, rel_err
 from retrinet import (ControlNetUNet, IPAdapterConfig, IPAdapterUNet, inspect_checkpoint, load_ip_adapter,
                       load_reference_model, official_numbers)
-from retrinet.ip_adapter import clip_pixels, official_key_map
-from test_unet import PREFIX, diffusers_twin, ldm_yaml
+from retrinet.ip_adapter import (DecoupledContext, DecoupledCrossAttention, ImageKV, clip_pixels,
+                                 official_key_map)
 from unet import UNet, UNetConfig
+from unet.loading import SD_UNET_PREFIX
 
 # Odd and small: attention on levels 0 and 2 only (none at 64 channels), depth 2 on the last level and in
 # the middle, 4 heads of width 8 / 24, context 40: 6 down, 2 mid, 9 up = 17 transformer blocks.
@@ -64,8 +66,8 @@ def test_official_numbers_follow_diffusers_loader(cfg):
     our module order: they are official_numbers(cfg)."""
     numbers = official_numbers(cfg)
     with torch.device("meta"):
-        ckpt = {PREFIX + k: v for k, v in UNet(cfg).state_dict().items()}
-        dcfg = create_unet_diffusers_config_from_ldm(ldm_yaml(cfg), ckpt)
+        ckpt = {SD_UNET_PREFIX + k: v for k, v in UNet(cfg).state_dict().items()}
+        dcfg = create_unet_diffusers_config_from_ldm(unet_yaml(cfg), ckpt)
         ref = UNet2DConditionModel(**dcfg)
         model = IPAdapterUNet(UNet(cfg), image_embed_dim=1024)
     shapes = {k: v.shape for k, v in model.adapter.state_dict().items()}
@@ -79,7 +81,8 @@ def test_official_numbers_follow_diffusers_loader(cfg):
     got = [int(cross[name].to_k_ip[0].weight[0, 0]) for name in _diffusers_order(cross)]
     assert got == numbers
     assert [int(cross[name].to_v_ip[0].weight[0, 0]) for name in _diffusers_order(cross)] == numbers
-    assert len(numbers) == model.unet.num_transformer_blocks
+    assert len(numbers) == len(model.adapter.layers) == sum(
+        isinstance(m, DecoupledCrossAttention) for m in model.unet.modules())
     if cfg == UNetConfig.sd15():
         assert numbers == [1, 3, 5, 7, 9, 11, 31, 13, 15, 17, 19, 21, 23, 25, 27, 29]
         assert sum(p.numel() for p in model.adapter.parameters()) == 22_319_616  # ip-adapter_sd15's 22M
@@ -92,7 +95,7 @@ def test_official_numbers_follow_diffusers_loader(cfg):
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 def test_parity_with_diffusers(scale):
     model = _model()
-    ref = diffusers_ip_adapter(diffusers_twin(model.unet, CFG), _official_state(model), scale)
+    ref = diffusers_ip_adapter(diffusers_unet(model.unet, CFG), _official_state(model), scale)
     x, t, ctx, embeds = _inputs()
     with torch.no_grad():
         want = ref(x, t, ctx, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
@@ -103,11 +106,11 @@ def test_parity_with_diffusers(scale):
 
 
 def _sd15_twin(ours: UNet) -> UNet2DConditionModel:
-    """diffusers_twin at SD v1.5 size without a second random initialisation: built on the meta
+    """diffusers_unet at SD v1.5 size without a second random initialisation: built on the meta
     device, it takes our (converted) tensors as they are."""
     cfg = ours.config
-    ckpt = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    dcfg = create_unet_diffusers_config_from_ldm(ldm_yaml(cfg), ckpt)
+    ckpt = {SD_UNET_PREFIX + k: v for k, v in ours.state_dict().items()}
+    dcfg = create_unet_diffusers_config_from_ldm(unet_yaml(cfg), ckpt)
     with torch.device("meta"):
         ref = UNet2DConditionModel(**dcfg)
     ref.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dcfg), strict=True, assign=True)
@@ -115,6 +118,7 @@ def _sd15_twin(ours: UNet) -> UNet2DConditionModel:
     return ref.eval()
 
 
+@pytest.mark.slow
 def test_parity_with_diffusers_at_sd15_size():
     cfg = UNetConfig.sd15()
     with torch.device("meta"):
@@ -132,32 +136,95 @@ def test_parity_with_diffusers_at_sd15_size():
     assert rel_err(got, want) <= 1e-4
 
 
-# -- the plumbing ---------------------------------------------------------------------------------------
+# -- the installed attention ----------------------------------------------------------------------------
 
-def test_scale_zero_and_no_image_are_plain_sd():
+def _decoupled(model, x, t, ctx, image_kv, scale, mask=None):
+    """The U-Net on a DecoupledContext, as IPAdapterUNet.forward runs it, with an optional text mask."""
+    unet = model.unet
+    emb = unet.embed_time(t, x.shape[0], x.dtype)
+    context = DecoupledContext(ctx, image_kv, scale)
+    skips, middle = unet.encode(x, emb, context, mask)
+    return unet.decode(skips, middle, emb, context, mask)
+
+
+def test_scale_zero_and_a_text_context_are_plain_sd():
+    """With the image attention installed, a text context is plain SD, exactly, and so is the model at
+    scale 0; image attention weighted 0, through the installed layers themselves, adds exactly nothing."""
     model = _model()
     x, t, ctx, embeds = _inputs()
+    untouched = randomize_(UNet(CFG).eval(), seed=0)  # the same U-Net without an IP-Adapter
     with torch.no_grad():
-        plain = model.unet(x, t, ctx)
+        plain = untouched(x, t, ctx)
+        assert torch.equal(model.unet(x, t, ctx), plain)
         assert torch.equal(model(x, t, ctx, embeds, scale=0.0), plain)
-        assert torch.equal(model.unet(x, t, ctx, image_kv=None), plain)
-        # zero-weighted image attention through the U-Net itself (no shortcut) adds exactly nothing
-        assert torch.equal(model.unet(x, t, ctx, image_kv=model.adapter(embeds, 0.0)), plain)
-    with pytest.raises(ValueError, match=r"image_kv needs one \(k, v, scale\) per transformer block \(17\), got 16"):
-        model.unet(x, t, ctx, image_kv=model.adapter(embeds)[:-1])
+        assert torch.equal(_decoupled(model, x, t, ctx, model.adapter(embeds), 0.0), plain)
+        assert torch.equal(_decoupled(model, x, t, ctx, model.adapter(embeds), 0.6), model(x, t, ctx, embeds, 0.6))
     with pytest.raises(ValueError, match=r"image_embeds must be \(3, 24\)"):
         model(x, t, ctx, embeds[:, :10])
+    with pytest.raises(ValueError, match=r"context must be \(3, L, 40\), got \(3, 7, 30\)"):
+        model(x, t, ctx[..., :30], embeds)
 
 
-def test_blocks_are_numbered_in_module_order():
-    model = _model()
-    blocks = [m for m in model.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    assert [b.index for b in blocks] == list(range(17)) == list(range(model.unet.num_transformer_blocks))
-    names = [n for n, m in model.unet.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
+def test_the_image_attention_is_installed_in_place():
+    """Each transformer block's attn2 becomes a DecoupledCrossAttention numbered in module order (the
+    adapter's layer order), holding the very projection modules it replaced: the U-Net's keys and
+    weights stay SD's, the model's are the U-Net's and the adapter's, and no adapter weight sits in
+    the U-Net. A second IP-Adapter around the same U-Net keeps the installed layers; each model keeps
+    its own weights."""
+    unet = randomize_(UNet(CFG).eval(), seed=0)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    originals = [m.attn2 for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    model = IPAdapterUNet(unet, image_embed_dim=EMBED).eval()
+    randomize_(model.adapter, seed=1)
+    attns = [m.attn2 for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert all(type(a) is DecoupledCrossAttention for a in attns)
+    assert [a.index for a in attns] == list(range(17)) == list(range(len(model.adapter.layers)))
+    names = [n for n, m in unet.named_modules() if isinstance(m, DecoupledCrossAttention)]
+    assert all(n.endswith(".attn2") for n in names)
     assert [n.split(".")[0] for n in names] == ["input_blocks"] * 6 + ["middle_block"] * 2 + ["output_blocks"] * 9
-    encoder = ControlNetUNet(model.unet).control  # an encoder-only model numbers its own
-    assert encoder.num_transformer_blocks == 8
-    assert [m.index for m in encoder.modules() if type(m).__name__ == "BasicTransformerBlock"] == list(range(8))
+    for new, old in zip(attns, originals):
+        assert all(getattr(new, p) is getattr(old, p) for p in ("to_q", "to_k", "to_v", "to_out"))
+        assert not any(True for _ in new.parameters(recurse=False))
+    state = unet.state_dict()
+    assert list(state) == list(before) and all(torch.equal(state[k], v) for k, v in before.items())
+    assert list(model.state_dict()) == [f"unet.{k}" for k in before] + [f"adapter.{k}" for k in model.adapter.state_dict()]
+    assert not any(isinstance(m, ImageKV) for m in unet.modules())
+
+    x, t, ctx, embeds = _inputs()
+    with torch.no_grad():
+        want = model(x, t, ctx, embeds, scale=0.6)
+        other = IPAdapterUNet(unet, image_embed_dim=EMBED).eval()
+        randomize_(other.adapter, seed=20)
+        assert [m.attn2 for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"] == attns
+        assert torch.equal(model(x, t, ctx, embeds, scale=0.6), want)
+        assert rel_err(other(x, t, ctx, embeds, scale=0.6), want) > 1e-3
+
+
+def test_the_text_mask_applies_to_the_text_alone():
+    """Masking the last text tokens is dropping them; the image keys are never masked."""
+    model = _model()
+    x, t, ctx, embeds = _inputs()
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[:, 4:] = False
+    with torch.no_grad():
+        image_kv = model.adapter(embeds)
+        masked = _decoupled(model, x, t, ctx, image_kv, 0.6, mask)
+        assert rel_err(masked, _decoupled(model, x, t, ctx[:, :4], image_kv, 0.6)) <= 1e-5
+        assert rel_err(masked, _decoupled(model, x, t, ctx, image_kv, 0.6)) > 1e-3  # the mask matters
+
+
+def test_a_recorder_sees_the_text_attention():
+    """An attention recorder (retrinet.AttentionRecorder's callback) on an installed layer gets the
+    queries and the text keys, once per call, with or without the image."""
+    model = _model()
+    x, t, ctx, embeds = _inputs()
+    attn = model.unet.middle_block[1].transformer_blocks[0].attn2
+    calls = []
+    attn.recorder = lambda module, q, k: calls.append((module, q.shape, k.shape))
+    with torch.no_grad():
+        model(x, t, ctx, embeds, scale=0.6)
+        model(x, t, ctx, embeds, scale=0.0)
+    assert [(m is attn, k) for m, _, k in calls] == [(True, (3, 4, 7, 24))] * 2
 
 
 def _grads(model, x, t, ctx, embeds):

@@ -9,9 +9,8 @@ from PIL import Image
 
 from data.transforms import fit_and_pad
 from diffusion.sd15 import text_to_image
-from helpers import randomize_
+from helpers import UNET, randomize_, run_sample
 from retrinet import ControlNetUNet, RetriUNet, generate
-from test_sd15 import UNET, run_sample, small_sd, weights  # noqa: F401  (fixtures)
 from unet import UNet, UNetConfig
 
 
@@ -45,18 +44,7 @@ def test_untrained_retrinet_samples_exactly_like_sd(small_sd, tmp_path):
     assert not torch.equal(generate(sd, "a fox", **with_refs, **kw)[0], text_to_image(sd, "a fox", **kw))
 
 
-@pytest.fixture(scope="module")
-def retrinet_ckpt(small_sd, tmp_path_factory):
-    sd, _ = small_sd
-    model = RetriUNet(UNet(UNET).eval(), lock="decoder")
-    model.unet.load_state_dict(sd.unet.state_dict())
-    randomize_(model.retrinet.zero_convs, seed=7)
-    randomize_(model.retrinet.cross_attn, seed=8)
-    path = tmp_path_factory.mktemp("retri") / "retrinet.safetensors"
-    model.save(path)
-    return path
-
-
+@pytest.mark.slow
 def test_sample_cli_with_references(weights, retrinet_ckpt, tmp_path):
     folder, _, _ = weights
     refs = _ref_images(tmp_path)
@@ -76,6 +64,7 @@ def test_sample_cli_with_references(weights, retrinet_ckpt, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "c" / out.name)))
 
 
+@pytest.mark.slow
 def test_reference_errors_before_building_models(weights, retrinet_ckpt, tmp_path):
     folder, _, _ = weights
     refs = _ref_images(tmp_path)
@@ -93,8 +82,10 @@ def test_reference_errors_before_building_models(weights, retrinet_ckpt, tmp_pat
         (["--retrinet", tmp_path / "other.safetensors", "--refs", *refs],
          "made for another base U-Net \\(differs in attention_resolutions"),
         (["--refs", *refs], "--retrinet and --refs go together"),
-        (["--retrinet", retrinet_ckpt, "--refs", *refs, "--mode", "controlnet"],
-         "--mode controlnet: .*holds a retrinet checkpoint"),
+        (["--retrinet", retrinet_ckpt, "--refs", *refs, "--method", "controlnet"],
+         "--method controlnet: .*holds a retrinet checkpoint"),
+        (["--retrinet", retrinet_ckpt, "--refs", *refs, "--mode", "controlnet"],  # the old name still works
+         "--mode is renamed --method.*\n.*--method controlnet: .*holds a retrinet checkpoint"),
     ]
     import re
     for extra, message in cases:
@@ -104,6 +95,7 @@ def test_reference_errors_before_building_models(weights, retrinet_ckpt, tmp_pat
         assert "loaded" not in r.stderr  # no model was built
 
 
+@pytest.mark.slow
 def test_sample_cli_controlnet_baseline(weights, small_sd, tmp_path):
     """An official-layout ControlNet file (control_model.*, no metadata) as the baseline."""
     from safetensors.torch import save_file

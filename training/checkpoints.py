@@ -12,9 +12,20 @@ from pathlib import Path
 import torch
 
 from common.weights import CheckpointError
-from retrinet import ReferenceUNet
+from retrinet import METHODS, ReferenceUNet
 
-STATE_KEYS = ("step", "skipped", "data", "optimizer", "scaler", "rng", "args")
+STATE_KEYS = ("step", "skipped", "data", "optimizer", "scaler", "rng", "args", "processes", "samples")
+OLD_MODEL_FILE = "retrinet.safetensors"  # every method's model file in checkpoints of earlier versions
+
+
+def model_file(ckpt: Path, method: str | None = None) -> Path:
+    """The model weights of a checkpoint folder: the file named for its method (`method`, else
+    whichever method's file is there), or the name every method's weights had before."""
+    names = [METHODS[method].checkpoint_file()] if method else [cls.checkpoint_file() for cls in METHODS.values()]
+    for name in names:
+        if (Path(ckpt) / name).is_file():
+            return Path(ckpt) / name
+    return Path(ckpt) / OLD_MODEL_FILE
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -25,7 +36,7 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def write_checkpoint(out: Path, step: int, model: ReferenceUNet, state: dict, keep: int, ema=None) -> Path:
-    """out/checkpoints/step-NNNNNN/{retrinet.safetensors, state.pt} (and ema.safetensors, the weight
+    """out/checkpoints/step-NNNNNN/{<method>.safetensors, state.pt} (and ema.safetensors, the weight
     average of `ema`, a training.ema.EMA, when given), written under a temporary name
     and renamed, so a crash never leaves a partial checkpoint; only the last `keep` are kept. A
     write that fails (a full disk) removes its temporary folder and raises OSError; the checkpoints
@@ -36,7 +47,7 @@ def write_checkpoint(out: Path, step: int, model: ReferenceUNet, state: dict, ke
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save(tmp / "retrinet.safetensors")
+        model.save(tmp / model.checkpoint_file())
         if ema is not None:
             ema.save(model, tmp)
         torch.save(state, tmp / "state.pt")
@@ -84,8 +95,7 @@ def read_state(path: Path) -> dict:
 # something else: the stored weights (the model's shape, which parameters train) or the stored data
 # position (epoch and micro-batches consumed on each process: which samples, in which order, in
 # batches of which size, on how many processes). `processes` and `samples` are stored beside the
-# arguments (older checkpoints: the processes from the RNG states, no sample count); `null_reference`
-# is --ref-drop > 0. Everything else may change on resume, with a note: the learning rate and its
+# arguments; `null_reference` is --ref-drop > 0. Everything else may change on resume, with a note: the learning rate and its
 # schedule, --clip-grad, --weight-decay, --adam-eps, --prompt-drop, --face-weight, --ref-drop between
 # two positive values, --max-steps, --time-limit, --save-every, --keep, --log-every, the validation
 # settings, --workers, --device, --precision, --checkpointing, --zero, --ddp-timeout, and the paths
@@ -125,7 +135,7 @@ def run_settings(args: dict, processes: int, samples: int | None) -> dict:
 
 def saved_settings(state: dict) -> dict:
     """`run_settings` of the run that wrote `state`."""
-    return run_settings(json.loads(state["args"]), state.get("processes", len(state["rng"])), state.get("samples"))
+    return run_settings(json.loads(state["args"]), state["processes"], state["samples"])
 
 
 def _show(key: str, settings: dict) -> str:

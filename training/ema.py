@@ -7,8 +7,8 @@ n the number of averaged updates so far (the warm-up lets a short run's average 
 start). Sampling from the average gives cleaner images than the last weights, whose noise of the
 last few hundred steps it smooths out.
 
-A checkpoint holds the average as a second model file, ema.safetensors, in the layout of
-retrinet.safetensors (so sample.py and the demo load it as they load any checkpoint), and n in
+A checkpoint holds the average as a second model file, ema.safetensors, in the layout of the
+method's own file (so sample.py and the demo load it as they load any checkpoint), and n in
 state.pt; --resume restores both, exactly.
 """
 from __future__ import annotations

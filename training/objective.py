@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from diffusion.schedule import NoiseSchedule
 from diffusion.sd15 import StableDiffusion
+from retrinet import ReferenceUNet
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -52,26 +53,27 @@ def snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.
     return (snr.clamp(max=gamma) / (snr + 1 if schedule.prediction == "v_prediction" else snr)).float()
 
 
-def diffusion_loss(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning, batch: dict,
-                   *, epoch: int, seed: int, face_weight: float, ref_drop: float,
-                   snr_gamma: float = 0.0, loss_fn=None) -> torch.Tensor:
+def diffusion_loss(model: ReferenceUNet, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning,
+                   batch: dict, *, epoch: int, seed: int, face_weight: float, ref_drop: float,
+                   snr_gamma: float = 0.0, loss_fn=None, forward=None) -> torch.Tensor:
     """Eq. 3 as docs/design.md section 5 defines it, per sample then averaged over the batch:
         L_i = sum_pixels valid * (1 + face_weight * face) * mean_c (eps - eps_theta)^2 / sum_pixels valid
     with the masks area-resized to latent resolution. A v-prediction schedule (the tiny preset) puts
     its target v in place of eps (`NoiseSchedule.target`). `snr_gamma` > 0 weights each L_i by
-    `snr_weight` (not in the paper; train.py --snr-gamma). How the references enter depends on the
-    method (`CONDITIONS`). Runs under the caller's autocast.
+    `snr_weight` (not in the paper; train.py --snr-gamma). How the references enter is the method's
+    own (`model.training_inputs`). Runs under the caller's autocast.
 
     Two halves: `draw_step` (the sample's randomness and the frozen encoders, no gradients) and
     `denoising_loss` (the model and the loss, tensors only: what train.py --compile compiles; pass
-    the compiled function as `loss_fn`)."""
+    the compiled function as `loss_fn`). `forward` runs the model's forward pass when it is not
+    `model` itself (the DistributedDataParallel wrapper of it)."""
     step = draw_step(model, sd, schedule, text, batch, epoch=epoch, seed=seed, face_weight=face_weight,
                      ref_drop=ref_drop, snr_gamma=snr_gamma)
-    return (loss_fn or denoising_loss)(model, **step)
+    return (loss_fn or denoising_loss)(forward or model, **step)
 
 
 @torch.no_grad()
-def draw_step(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning, batch: dict, *, epoch: int,
+def draw_step(model: ReferenceUNet, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditioning, batch: dict, *, epoch: int,
               seed: int, face_weight: float, ref_drop: float, snr_gamma: float = 0.0) -> dict:
     """The no-gradient half of `diffusion_loss`: each sample's timestep, noise and dropout draw, the
     VAE and text encodings, the noised input x_t, the regression target and the loss weights, and
@@ -87,8 +89,7 @@ def draw_step(model, sd: StableDiffusion, schedule: NoiseSchedule, text: Conditi
     # Posterior samples (PixelSpace's posterior has std 0: its "latents" are exactly the pixels).
     vae_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     x0 = (target.mean.float() + target.std.float() * vae_noise) * sd.latent_scale
-    method = getattr(model, "module", model)
-    inputs = CONDITIONS[method.method](method, sd, text, batch, gens, u, ref_drop)
+    inputs = model.training_inputs(sd, text, batch, gens, u, ref_drop)
     size = x0.shape[-2:]
     valid = F.interpolate(batch["valid"].to(device).float(), size=size, mode="area")
     face = F.interpolate(batch["face"].to(device).float(), size=size, mode="area")
@@ -107,49 +108,6 @@ def denoising_loss(model, x_t, t, inputs: dict, target, valid, face_factor, samp
     if sample_weight is not None:
         per_sample = per_sample * sample_weight
     return per_sample.mean()
-
-
-# -- how each method's references enter its forward pass (the keyword arguments besides x_t, t) --------
-
-def retrinet_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
-    """K references as VAE posterior samples with their concept texts; a sample whose draw u falls
-    below `ref_drop` sees the learned null reference instead (our addition, docs/design.md section 5)."""
-    refs = batch["refs"].to(sd.device, non_blocking=True)
-    b, k = refs.shape[:2]
-    post = sd.vae.encode(refs.flatten(0, 1))
-    ref_noise = torch.stack([torch.randn((k, *post.mean.shape[1:]), generator=g) for g in gens]).to(sd.device)
-    latents = (post.mean.float().unflatten(0, (b, k)) + post.std.float().unflatten(0, (b, k)) * ref_noise)
-    ref_context = text([c for cs in batch["concepts"] for c in cs]).unflatten(0, (b, k))
-    return dict(context=text(batch["prompt"]), refs=latents * sd.latent_scale, ref_context=ref_context,
-                ref_mask=batch["ref_mask"].to(sd.device), ref_drop=(u < ref_drop) if model.config.null_reference else None)
-
-
-def controlnet_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
-    """The one reference as the hint in [0, 1], at the target's pixel size (as diffusers'
-    train_controlnet.py feeds its conditioning image); prompts were emptied by the loader."""
-    hint = (batch["refs"][:, 0].to(sd.device, non_blocking=True).float() + 1) / 2
-    if hint.shape[-2:] != batch["image"].shape[-2:]:
-        raise ValueError(f"the ControlNet's hint must have the target's size {tuple(batch['image'].shape[-2:])}, "
-                         f"got {tuple(hint.shape[-2:])} (use --ref-resolution = --resolution)")
-    return dict(context=text(batch["prompt"]), hint=hint)
-
-
-IP_ADAPTER_DROPS = (0.05, 0.05, 0.05)  # image alone, text alone, both: IP-Adapter's tutorial_train.py
-
-
-def ip_adapter_inputs(model, sd, text, batch, gens, u, ref_drop) -> dict:
-    """The one reference's CLIP image embedding (frozen encoder). As IP-Adapter's official training
-    script: with probability 0.05 each, the image embedding is zeroed, the text emptied, or both."""
-    p_image, p_text, p_both = IP_ADAPTER_DROPS
-    drop_image = (u < p_image) | ((u >= p_image + p_text) & (u < p_image + p_text + p_both))
-    drop_text = (u >= p_image) & (u < p_image + p_text + p_both)
-    # The empty prompt's embedding where the text is dropped, chosen on the device (no host sync).
-    context = torch.where(drop_text[:, None, None], text([""]), text(batch["prompt"]))
-    embeds = model.encode_references(batch["refs"][:, 0].to(sd.device, non_blocking=True))
-    return dict(context=context, image_embeds=embeds * (~drop_image).to(embeds.dtype)[:, None])
-
-
-CONDITIONS = {"retrinet": retrinet_inputs, "controlnet": controlnet_inputs, "ip-adapter": ip_adapter_inputs}
 
 
 def lr_at(step: int, *, lr: float, warmup: int, restart_every: int, min_lr: float = 0.0) -> float:

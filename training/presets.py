@@ -34,18 +34,6 @@ PRESETS = {
 }
 
 
-# What each method defaults to where the preset does not decide (train.py fills in what the command
-# line leaves out): RetriNet as the paper (K = 2, SD's decoder trains); the baselines as their own
-# training code (one reference, SD frozen); IP-Adapter drops text and image itself (objective.py).
-# The baselines take no face loss: Sec. 3.1 trains them "without extra training tricks such as
-# additional loss updates on face parts".
-METHOD_DEFAULTS = {
-    "retrinet": dict(refs=2, lock="none", prompt_drop=0.5, face_weight=0.1),
-    "controlnet": dict(refs=1, lock="decoder", prompt_drop=0.5, face_weight=0.0),
-    "ip-adapter": dict(refs=1, lock="decoder", prompt_drop=0.0, face_weight=0.0),
-}
-
-
 def tiny_configs() -> dict:
     """The tiny preset: SD's architecture shrunk (two down-sampling levels, 32-64 channels, one
     transformer per attention level, 4 GroupNorm groups, a 2-layer 64-wide CLIP text tower),
@@ -53,11 +41,10 @@ def tiny_configs() -> dict:
     Attention heads are 32 wide: narrower heads make the CPU's attention kernels several times
     slower (measured: 8 heads of 4 channels, 0.71 s; 1 head of 32, 0.09 s, same FLOPs)."""
     # 4 GroupNorm groups, not LDM's 32: on 32 channels, 32 groups are an instance norm, which takes
-    # each channel's mean over the image away. In RetriNet's norm_kv that mean is a reference's
-    # colours, the one thing that passes a near-uniform attention (as it is at the start), so with
-    # 32 groups the references did not count (measured after 500 steps: the same x_0 error with
-    # real, wrong or null references; with 4 groups they count, and the held-out x_0 error at
-    # t = 300 falls from 0.20 to 0.17).
+    # each channel's mean over the image away, and in this miniature that mean is the colours an
+    # identity is made of (measured when RetriNet's reference attention still normalised with the
+    # U-Net's GroupNorm: with 32 groups the references did not count after 500 steps; with 4 the
+    # held-out x_0 error at t = 300 fell from 0.20 to 0.17).
     unet = UNetConfig(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=(4,),
                       num_res_blocks=1, channel_mult=(1, 1, 2), num_heads=2, context_dim=64,
                       use_linear_in_transformer=True, norm_groups=4)
@@ -134,15 +121,15 @@ def load_run(run: Path, ckpt: Path | None = None, raw: bool = False):
     when training kept one and not `raw`, else from its weights; an IP-Adapter gets the run's image
     encoder (image_encoder_for). Returns (sd, model in eval mode, the file used)."""
     from diffusion.sd15 import load_configs, load_sd15
-    from retrinet import inspect_checkpoint, load_reference_model
-    from training.checkpoints import checkpoint_dirs
+    from retrinet import METHODS, inspect_checkpoint, load_reference_model
+    from training.checkpoints import checkpoint_dirs, model_file
     from training.ema import EMA_FILE
     run = Path(run)
     sd = load_sd15(run / "base.safetensors", configs=load_configs(run / "base-config.json"))
     ckpt = checkpoint_dirs(run)[-1] if ckpt is None else Path(ckpt)
-    file = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() and not raw else ckpt / "retrinet.safetensors"
-    encoder = (load_image_encoder(run / "image-encoder").eval() if inspect_checkpoint(file).method == "ip-adapter"
-               else None)
+    file = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() and not raw else model_file(ckpt)
+    encoder = (load_image_encoder(run / "image-encoder").eval()
+               if METHODS[inspect_checkpoint(file).method].needs_image_encoder else None)
     return sd, load_reference_model(file, sd.unet, image_encoder=encoder).eval(), file
 
 

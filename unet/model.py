@@ -12,7 +12,9 @@ official weights load with no mapping:
 
 The encoder half (`encode`: input_blocks + middle_block) and the decoder half (`decode`:
 output_blocks + out) are separate calls, so RetriNet and ControlNet can add residuals to the 12
-skips and the middle feature in between (docs/design.md section 3).
+skips and the middle feature in between (docs/design.md section 3). `context` reaches every
+transformer block's text cross-attention (`attn2`) as given, so a method that installs attn2 layers
+of its own at construction can hand them more than the text.
 
 Norms are plain `nn.GroupNorm` (eps 1e-5; 1e-6 in the transformers, as in LDM). LDM's GroupNorm32
 casts to fp32 around it; torch's kernels already accumulate the statistics in fp32 for half inputs
@@ -133,18 +135,12 @@ class CrossAttention(nn.Module):
         # Optional `recorder(module, q, k)` (e.g. retrinet.AttentionRecorder); None on the normal path.
         self.recorder = None
 
-    def forward(self, x, context=None, context_mask=None, image_kv=None):
-        """`image_kv` = (k, v, scale), k and v (B, heads, N, dim_head): a second attention of the same
-        queries over these keys / values (IP-Adapter's decoupled cross-attention), added times `scale`
-        before `to_out`; the text mask does not apply to it."""
+    def forward(self, x, context=None, context_mask=None):
         context = x if context is None else context
         q, k, v = (split_heads(t, self.heads) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = attention(q, k, v, key_padding_mask=context_mask, upcast=self.upcast, chunk_size=self.chunk_size)
         if self.recorder is not None:
             self.recorder(self, q, k)
-        if image_kv is not None:
-            k_ip, v_ip, scale = image_kv
-            out = out + scale * attention(q, k_ip, v_ip, upcast=self.upcast, chunk_size=self.chunk_size)
         return self.to_out(merge_heads(out))
 
 
@@ -170,9 +166,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LN self-attention, cross-attention on the text context, GEGLU feed-forward. `index` is the
-    block's position among its model's transformer blocks (module order; `number_transformer_blocks`),
-    which picks its entry of `image_kv`."""
+    """Pre-LN self-attention, cross-attention on the text context, GEGLU feed-forward."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -182,21 +176,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.index: int | None = None  # set by number_transformer_blocks once the model is built
 
-    def forward(self, x, context, context_mask=None, image_kv=None):
+    def forward(self, x, context, context_mask=None):
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, context_mask, None if image_kv is None else image_kv[self.index])
+        x = x + self.attn2(self.norm2(x), context, context_mask)
         return x + self.ff(self.norm3(x))
-
-
-def number_transformer_blocks(model: nn.Module) -> int:
-    """Number the BasicTransformerBlocks of `model` 0, 1, ... in module order (input_blocks,
-    middle_block, output_blocks: 16 in SD v1.5) and return their count: the length of `image_kv`."""
-    blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
-    for i, block in enumerate(blocks):
-        block.index = i
-    return len(blocks)
 
 
 class SpatialTransformer(nn.Module):
@@ -213,13 +197,13 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
         self.proj_out = zero_(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
 
-    def forward(self, x, context, context_mask=None, image_kv=None):
+    def forward(self, x, context, context_mask=None):
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, H, W) -> tokens (B, HW, C)
         x = project_tokens(self.proj_in, x)
         for block in self.transformer_blocks:
-            x = block(x, context, context_mask, image_kv)
+            x = block(x, context, context_mask)
         x = project_tokens(self.proj_out, x)
         # residual first: the sum takes its memory format (contiguous, or channels_last if x was)
         return residual + x.reshape(b, h, w, c).permute(0, 3, 1, 2)
@@ -254,12 +238,12 @@ class TimestepEmbedSequential(nn.Sequential):
     """A block of the U-Net: passes the timestep embedding to ResBlocks and the context to
     SpatialTransformers (LDM's class of the same name)."""
 
-    def forward(self, x, emb, context, context_mask=None, out_size=None, image_kv=None):
+    def forward(self, x, emb, context, context_mask=None, out_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, context_mask, image_kv)
+                x = layer(x, context, context_mask)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -302,8 +286,6 @@ class UNetEncoder(nn.Module):
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups),
                                                     _transformer(cfg, ch, len(cfg.channel_mult) - 1),
                                                     ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.norm_groups))
-        # UNet renumbers once its output blocks exist; encoder-only models keep this numbering.
-        self.num_transformer_blocks = number_transformer_blocks(self)
 
     def set_attention(self, *, upcast: bool | None = None, chunk_size: int | None | str = "keep") -> None:
         """Set every attention layer's fp32 upcast and/or query chunk size (None = no chunking)."""
@@ -322,24 +304,17 @@ class UNetEncoder(nn.Module):
             raise ValueError(f"timesteps must be a scalar or shape ({batch},), got {tuple(t.shape)}")
         return self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
 
-    def _check_image_kv(self, image_kv) -> None:
-        if image_kv is not None and len(image_kv) != self.num_transformer_blocks:
-            raise ValueError(f"image_kv needs one (k, v, scale) per transformer block ({self.num_transformer_blocks}), "
-                             f"got {len(image_kv)}")
-
-    def encode(self, x, emb, context, context_mask=None, hint=None,
-               image_kv=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x, emb, context, context_mask=None, hint=None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """input_blocks + middle_block -> (the 12 skip features, the middle feature). `hint` is added
-        after the first block (conv_in), as ControlNet adds its hint embedding. `image_kv`: one
-        (k, v, scale) per transformer block of the model (see CrossAttention), or None."""
-        self._check_image_kv(image_kv)
+        after the first block (conv_in), as ControlNet adds its hint embedding. `context` and
+        `context_mask` go unchanged to every transformer block's attn2."""
         skips, h = [], x
         for i, block in enumerate(self.input_blocks):
-            h = self._run(block, h, emb, context, context_mask, None, image_kv)
+            h = self._run(block, h, emb, context, context_mask)
             if i == 0 and hint is not None:
                 h = h + hint
             skips.append(h)
-        return skips, self._run(self.middle_block, h, emb, context, context_mask, None, image_kv)
+        return skips, self._run(self.middle_block, h, emb, context, context_mask)
 
 
 class UNet(UNetEncoder):
@@ -364,14 +339,11 @@ class UNet(UNetEncoder):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(inplace=True), zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
-        self.num_transformer_blocks = number_transformer_blocks(self)  # input, middle, output blocks
 
     # -- the decoder half and the whole forward pass ---------------------------------------------
-    def decode(self, skips, middle, emb, context, context_mask=None, skip_residuals=None, middle_residual=None,
-               image_kv=None):
+    def decode(self, skips, middle, emb, context, context_mask=None, skip_residuals=None, middle_residual=None):
         """output_blocks + out. Residuals (ControlNet / RetriNet) are added to each skip and to the
-        middle feature first; `skip_residuals[i]` goes with `skips[i]`. `image_kv` as in `encode`."""
-        self._check_image_kv(image_kv)
+        middle feature first; `skip_residuals[i]` goes with `skips[i]`. `context` as in `encode`."""
         if len(skips) != len(self.output_blocks):
             raise ValueError(f"decode needs {len(self.output_blocks)} skips, got {len(skips)}")
         if skip_residuals is not None:
@@ -383,19 +355,20 @@ class UNet(UNetEncoder):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             out_size = skips[-1].shape[-2:] if skips else None  # the next skip's size, for odd shapes
-            h = self._run(block, h, emb, context, context_mask, out_size, image_kv)
+            h = self._run(block, h, emb, context, context_mask, out_size)
         return self.out(h)
 
-    def forward(self, x, timesteps, context, context_mask=None, image_kv=None):
-        """x (B, in_channels, H, W), timesteps (B,) or scalar, context (B, L, context_dim),
-        context_mask (B, L) bool or None (True = attend) -> eps (B, out_channels, H, W).
-        `image_kv` (IP-Adapter): a list with one (k, v, scale) per transformer block in module order,
-        k and v (B, heads, N, dim_head) projected image tokens, attended by each text cross-attention
-        beside the text and added times `scale`; None = plain SD."""
+    def check_inputs(self, x, context) -> None:
+        """ValueError unless x is (B, in_channels, H, W) and context (B, L, context_dim)."""
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must be (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.config.context_dim:
             raise ValueError(f"context must be ({x.shape[0]}, L, {self.config.context_dim}), got {tuple(context.shape)}")
+
+    def forward(self, x, timesteps, context, context_mask=None):
+        """x (B, in_channels, H, W), timesteps (B,) or scalar, context (B, L, context_dim),
+        context_mask (B, L) bool or None (True = attend) -> eps (B, out_channels, H, W)."""
+        self.check_inputs(x, context)
         emb = self.embed_time(timesteps, x.shape[0], x.dtype)
-        skips, middle = self.encode(x, emb, context, context_mask, image_kv=image_kv)
-        return self.decode(skips, middle, emb, context, context_mask, image_kv=image_kv)
+        skips, middle = self.encode(x, emb, context, context_mask)
+        return self.decode(skips, middle, emb, context, context_mask)
