@@ -27,42 +27,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
 from bench.report import reporter  # noqa: E402
 from data.dataset import RetriBooruDataset  # noqa: E402
-from retrinet import LOCKS, METHODS  # noqa: E402
-from data.synthetic import generate  # noqa: E402
 from data.stream import BatchStream  # noqa: E402
+from data.synthetic import generate  # noqa: E402
+from retrinet import LOCKS, METHODS  # noqa: E402
+from training.args import check_args, parse_args as train_args  # noqa: E402
+from training.build import build, make_optimizer, random_sd15  # noqa: E402
 from training.objective import Conditioning, diffusion_loss  # noqa: E402
-from training.presets import PRESETS, frozen_to  # noqa: E402
+from training.presets import PRESETS  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}  # dense fp16 tensor-core peaks
-
-
-def build_random_sd15(args, device):
-    """SD v1.5-size parts with random weights, as train.build would set them up."""
-    from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from diffusion.sd15 import StableDiffusion
-    from retrinet import ControlNetUNet, IPAdapterUNet, RetriUNet
-    from unet import UNet, UNetConfig, UNetEncoder
-    from vae import AutoencoderKL, VAEConfig
-    with torch.device(device):
-        sd = StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15()),
-                             CLIPTextModel(CLIPTextConfig.vit_l14()), CLIPTokenizer.default())
-        if args.method == "retrinet":
-            model = RetriUNet(sd.unet, heads=8, lock=args.lock, null_reference=False)
-        elif args.method == "controlnet":
-            model = ControlNetUNet(sd.unet, lock=args.lock)
-        else:
-            encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.vit_h14()).requires_grad_(False).eval()
-            model = IPAdapterUNet(sd.unet, image_embed_dim=1024, lock=args.lock, image_encoder=encoder)
-    frozen_to(sd, model, torch.float16)
-    sd.vae.eval()
-    sd.text_encoder.eval()
-    for m in model.modules():
-        if isinstance(m, UNetEncoder):
-            m.gradient_checkpointing = True
-    return sd, model
 
 
 def gib(text: str) -> float:
@@ -108,24 +83,26 @@ def main():
         generate(data, identities=16, images_per_identity=4, size=size, seed=0, noise_fraction=0.0)
 
     if a.preset == "tiny":
-        args = train.parse_args(["--preset", "tiny", "--method", a.method, "--data", str(data), "--out", tmp.name,
-                                 "--device", a.device, "--precision", a.precision])
-        assert not train.check_args(args)
-        sd, model = train.build(args, device, 1, Path(tmp.name))
+        args = train_args(["--preset", "tiny", "--method", a.method, "--data", str(data), "--out", tmp.name,
+                           "--device", a.device, "--precision", a.precision])
+        assert not check_args(args)
+        sd, model = build(args, device, 1, Path(tmp.name))
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
         scaler = torch.amp.GradScaler(enabled=False)
     else:
         if device.type != "cuda":
             sys.exit(f"bench/train.py: --preset {a.preset} measures the GPU recipe (fp16); use --device cuda")
-        size = ["--resolution", "256"] if a.method != "retrinet" else []  # the paper's baselines: 256 px
+        # The paper's baselines (one reference) train at 256 px (Supp. A.3), RetriNet at 384.
+        size = ["--resolution", "256"] if METHODS[a.method].references == 1 else []
         lock = ["--lock", a.lock] if a.lock else []
-        args = train.parse_args(["--preset", a.preset, "--method", a.method, "--weights", "random", "--data", str(data),
-                                 "--device", a.device,  # make_optimizer: fused AdamW on CUDA
-                                 "--out", tmp.name, "--precision", "fp16", "--checkpointing", *size, *lock])
-        sd, model = build_random_sd15(args, device)
+        args = train_args(["--preset", a.preset, "--method", a.method, "--weights", "random", "--data", str(data),
+                           "--device", a.device,  # make_optimizer: fused AdamW on CUDA
+                           "--out", tmp.name, "--precision", "fp16", "--checkpointing", *size, *lock])
+        with torch.device(device):
+            sd, model = random_sd15(args.method, args.lock)
         amp, scaler = torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     params = model.trainable_parameters()
-    optimizer = train.make_optimizer(params, args, 1)
+    optimizer = make_optimizer(params, args, 1)
     dataset = RetriBooruDataset(data, resolution=args.resolution, k=args.refs, prompt_drop=args.prompt_drop,
                                 ref_resolution=args.ref_resolution)
     stream = BatchStream(dataset, args.batch_size, rank=0, world=1, seed=0, workers=args.workers,
@@ -136,8 +113,8 @@ def main():
         """One training step; returns (samples, whether the fp16 GradScaler skipped its update)."""
         batch, epoch = next(stream)
         with amp:
-            loss = diffusion_loss(model, sd, schedule, text, batch, epoch=epoch, seed=0, face_weight=0.1,
-                                  ref_drop=0.0)
+            loss = diffusion_loss(model, sd, schedule, text, batch, epoch=epoch, seed=0,
+                                  face_weight=args.face_weight, ref_drop=0.0)
         scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

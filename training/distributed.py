@@ -29,7 +29,7 @@ FAILURE_PATTERNS = ("timed out", "timeout", "connection closed", "connection res
                     "pair closure", "connection refused")
 
 
-def setup_distributed(device: str, timeout_minutes: float):
+def setup_distributed(device: str, timeout_minutes: float = 30.0):
     """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on
     CUDA, gloo on the CPU; collectives time out after `timeout_minutes`."""
     if "RANK" not in os.environ:

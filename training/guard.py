@@ -1,5 +1,6 @@
-"""The non-finite guard of train.py: the last trainable state known to be good, and the means to
-return to it.
+"""The non-finite guard of train.py: the last trainable state known to be good, the means to
+return to it (`LastGood`), and the bookkeeping of which update is confirmed and which steps were
+skipped (`Guard`).
 
 What "exploded" means here. The weights W_n (after n updates) are good when a forward and backward
 pass at W_n gives a finite loss and, unless the fp16 GradScaler handles overflowing gradients
@@ -22,6 +23,8 @@ and push the sd15 recipe out of a 24 GB card. The device-to-host copy per update
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -111,3 +114,72 @@ class LastGood:
         if self.scaler_state:
             self.scaler.load_state_dict(copy.deepcopy(self.scaler_state))
         return self.step
+
+
+class Guard:
+    """train.py's side of the guard: an update is confirmed by the next step (its loss and gradient
+    finite), undone when it is not, and undone at once when it leaves a non-finite weight or
+    optimizer state. Counts the steps skipped, in all and in a row, and the updates behind the
+    weights held. `agree(ok, step)` turns this process's verdict on its own state into every
+    process's (ZeRO: each process holds a shard of the optimizer state)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer, scaler,
+                 agree: Callable[[bool, int], bool] = lambda ok, step: ok):
+        self.last_good = LastGood(params, optimizer, scaler)
+        self.scaler, self.agree = scaler, agree
+        self.pending = False   # the weights come from an update no step has confirmed yet
+        self.weights_step = 0  # the number of updates behind the weights held now
+        self.skipped = self.bad_in_row = 0
+
+    def resume(self, step: int, skipped: int) -> None:
+        self.weights_step, self.skipped = step, skipped
+
+    def step(self, n: int, loss_ok: bool, grads_ok: bool, update: Callable[[], None]) -> tuple[bool, str | None]:
+        """Step `n` (counted from 1): confirm or undo the previous update, then make this one
+        (`update`: the scaler's step and update) unless the weights held do not compute. The weights
+        compute when their loss is finite and so is the gradient, unless the fp16 scaler owns
+        gradient overflow (it skips the update itself and lowers its scale). Returns (whether the
+        weights were updated, a warning when the guard just stepped back)."""
+        weights_ok = loss_ok and (grads_ok or self.scaler.is_enabled())
+        undone, bad_before = None, self.bad_in_row
+        if self.pending:
+            self.pending = False
+            if weights_ok:
+                self.bad_in_row = 0  # the last update is confirmed
+            else:  # the last update made weights that do not compute: back to those before it
+                undone, self.weights_step = n - 1, self.last_good.restore()
+        updated = False
+        if weights_ok:
+            if grads_ok:
+                self.last_good.keep(self.weights_step)
+            update()
+            if grads_ok:
+                if self.agree(self.last_good.is_finite(), n):
+                    updated = self.pending = True
+                else:
+                    undone, self.weights_step = n, self.last_good.restore()
+        if updated:
+            self.weights_step = n
+        else:
+            self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        if undone is not None and undone != n:  # the previous step's update, undone now, counts as skipped too
+            self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        warning = None
+        if undone is not None and bad_before == 0:
+            what = ("its update made non-finite weights" if undone == n else
+                    f"the update of step {undone} made weights that give a non-finite loss or gradient")
+            warning = f"step {n}: {what}; back to the weights after step {self.weights_step}"
+        return updated, warning
+
+    def stop_message(self, limit: int, path: Path | None, step: int, args) -> str:
+        """train.py's status-3 line after `limit` bad steps in a row: what stopped the run at `step`,
+        what the checkpoint `path` holds, what to change (train.py's options `args`)."""
+        fixes = [f"lower --lr (now {args.lr:g})"]
+        if not args.clip_grad:
+            fixes.append("clip the gradient (--clip-grad 1; now 0, no clipping)")
+        if args.precision != "fp32":
+            fixes.append(f"train in --precision fp32 (now {args.precision})")
+        initial = " (the initial weights)" if self.weights_step == 0 else ""
+        return (f"{limit} steps in a row had a non-finite loss, gradient or update, or had their update "
+                f"undone (see training/guard.py); stopped at step {step}. {path} holds the last finite weights, "
+                f"those after step {self.weights_step}{initial}. To continue, {' or '.join(fixes)}, and add --resume")
