@@ -1,13 +1,13 @@
 """Pre-train the tiny SD v1.5 + CLIP stack from scratch (`make base`); tiny runs start from it.
 
-    python pretrain.py --out base-output            # both stages, about 75 minutes on 2 CPU cores
+    python pretrain.py --out base-output            # both stages, 56 minutes measured on 2 CPU cores
     python pretrain.py --out base-output --score-only --guidance 2    # score the stack again
 
 1. CLIP (training.pretrain.train_clip): the text and image towers learn a joint embedding of
    synthetic scenes and their Danbooru-style prompts; its zero-shot retrieval on held-out scenes is
    reported (training.pretrain.zero_shot). A folder that already holds clip/ reuses it.
 2. The U-Net (training.pretrain.train_unet): text-to-image on the frozen CLIP text tower.
-3. Quality (eval.base_score): samples from full prompts of held-out colour combinations, read by
+3. Quality (training.base_score): samples from full prompts of held-out colour combinations, read by
    the project's scorers beside the real images; base-samples.png shows them.
 
 Writes --out/clip/ (model.safetensors + config.json, openai CLIP's layout), base.safetensors +
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from clip import load_clip
-from eval.base_score import score_base
+from training.base_score import score_base
 from training.presets import load_tiny_stack, save_base, stack_problems
 from training.pretrain import (CLIP_DIR, CLIP_RECORD, HALF_KEYS, STACK_FILE, ClipRecipe, UNetRecipe, round_half_keys,
                                save_clip, sha256, shipped_files, train_clip, train_unet, zero_shot)

@@ -1,7 +1,7 @@
 """Identification accuracy against training minutes: every checkpoint of a finished demo run,
 sampled and scored as the demo samples and scores its last one.
 
-    python demo.py --out demo-30 --minutes 30 --train-args --keep 0 --save-every 130
+    python -m experiments.demo --out demo-30 --minutes 30 --train-args --keep 0 --save-every 130
     python bench/demo_curve.py --out demo-30 --every 5 [--demo-args --ref-guidance 3]
 
 Training minutes of a checkpoint are summed from run/log.jsonl (each record's steps over its
@@ -35,15 +35,15 @@ def minutes_at(log: Path, batch: int, step: int) -> float:
 
 
 def main(argv=None) -> int:
-    import demo
-    from eval.identity_score import score
+    from data.synthetic.identity_score import score
+    from experiments import demo
     from training.checkpoints import checkpoint_dirs, read_state
     from training.presets import load_run
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="a demo's --out")
     ap.add_argument("--every", type=int, default=1, help="score every N-th checkpoint")
     ap.add_argument("--demo-args", nargs=argparse.REMAINDER, default=[],
-                    help="demo.py sampling arguments (--ref-guidance, --sampler, --sample-steps, ...)")
+                    help="experiments.demo sampling arguments (--ref-guidance, --sampler, --sample-steps, ...)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     run = out / "run"

@@ -1,1 +1,2 @@
-"""The RetriBooru dataset: format, loader, concept crops, synthetic generator (docs/design.md section 4)."""
+"""The RetriBooru dataset: format, loader, concept crops, synthetic generator and its ground-truth scorers
+(docs/design.md section 4)."""

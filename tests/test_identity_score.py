@@ -1,4 +1,4 @@
-"""eval/identity_score.py: colour read-out of synthetic figures, identity matching and scores.
+"""data/synthetic/identity_score.py: colour read-out of synthetic figures, identity matching and scores.
 
 Measured on this file's ground-truth sets (generate(..., seed=5), 16 identities x 3 images; blur and
 noise on the first 24 images at 32 px):
@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from data.annotations import AnnotationError, load_records
 from data.synthetic import CLOTH_COLORS, HAIR_COLORS, SKIN_TONES, generate, make_identities
 from data.transforms import fit_and_pad
-from eval import identity_score as S
+from data.synthetic import identity_score as S
 
 N_ID, PER_ID, SEED = 16, 3, 5
 
@@ -57,6 +57,7 @@ def scores(roots):
     return {name: S.score(images, idents) for name, (images, idents) in sets.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, exact, hair, top, bottom", [
     ("32", 0.4, 0.45, 0.85, 0.8),
     ("24", 0.25, 0.28, 0.8, 0.78),
@@ -200,6 +201,7 @@ def test_binomial_p_equals_the_exact_tail_sum():
     assert S.binomial_p(0, 5, 0.0) == 1.0 and S.binomial_p(2, 5, 0.0) == 0.0 and S.binomial_p(2, 5, 1.0) == 1.0
 
 
+@pytest.mark.slow
 def test_identification_reads_real_images_and_is_chance_on_shuffled_ones(scores, roots):
     r = scores["32"]
     assert r["candidates"] == N_ID and r["chance_identification"] == pytest.approx(1 / N_ID)

@@ -1,4 +1,5 @@
-"""The miniature leakage benchmark (eval/leakage.py) and its scene scorer (eval/scene_score.py)."""
+"""The miniature leakage benchmark (experiments/leakage.py), its scene scorer (data/synthetic/scene_score.py)
+and the old command `python -m eval.leakage`."""
 import csv
 import json
 import subprocess
@@ -11,8 +12,8 @@ from PIL import Image
 
 from common.images import fit_and_pad, open_image
 from data.annotations import load_records
-from data.synthetic import SCENE_BACKGROUNDS, generate
-from eval import leakage, scene_score
+from data.synthetic import SCENE_BACKGROUNDS, generate, scene_score
+from experiments import leakage
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--identities", "2", "--images-per-identity", "4", "--heldout", "2", "--steps", "2", "--samples", "2",
@@ -77,12 +78,13 @@ def test_scene_of_tags():
 def toy(tmp_path_factory):
     """The whole pipeline at toy size: 3 methods x 2 settings, 2 steps each (about 40 s)."""
     out = tmp_path_factory.mktemp("leakage")
-    res = subprocess.run([sys.executable, "-m", "eval.leakage", "--out", str(out), *TOY], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
 
+@pytest.mark.slow
 def test_toy_pipeline_writes_the_table(toy):
     out, res = toy
     table = json.loads((out / "table.json").read_text())
@@ -112,26 +114,28 @@ def test_toy_pipeline_writes_the_table(toy):
     assert "training 2 steps" in res.stderr
 
 
+@pytest.mark.slow
 def test_second_invocation_reuses_every_run(toy):
     out, _ = toy
     before = (out / "table.json").read_text()
-    res = subprocess.run([sys.executable, "-m", "eval.leakage", "--out", str(out), *TOY], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("trained (2 steps") == 6 and res.stderr.count("evaluated, reused") == 6
     assert "training 2 steps" not in res.stderr
     strip = lambda t: {k: v for k, v in json.loads(t).items() if k != "total_minutes"}
     assert strip((out / "table.json").read_text()) == strip(before)
-    other = subprocess.run([sys.executable, "-m", "eval.leakage", "--out", str(out), *TOY[:6], "--steps", "3",
+    other = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:6], "--steps", "3",
                             "--methods", "retrinet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 1 and "trained for 2 steps, not --steps 3" in other.stderr
     assert "Traceback" not in other.stderr
-    data = subprocess.run([sys.executable, "-m", "eval.leakage", "--out", str(out), *TOY[:4], "--seed", "1"],
+    data = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:4], "--seed", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert data.returncode == 1 and "holds data made with --identities 2" in data.stderr
     assert "--seed 0" in data.stderr and "Traceback" not in data.stderr
 
 
+@pytest.mark.slow
 def test_plan_asks_for_a_scene_the_references_do_not_show(toy):
     """References share their arms; the prompt asks for the other arms, the other facing and a
     background no reference shows. Scored on the references themselves, copying is 100% and
@@ -156,16 +160,17 @@ def test_plan_asks_for_a_scene_the_references_do_not_show(toy):
                                           (["--heldout", "1"], "--heldout must be >= 2"),
                                           (["--methods", "dreambooth"], "invalid choice")])
 def test_bad_arguments(tmp_path, argv, message):
-    res = subprocess.run([sys.executable, "-m", "eval.leakage", "--out", str(tmp_path), *argv], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(tmp_path), *argv], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes(tmp_path):
     """SIGTERM while a run trains: train.py saves a checkpoint and stops, the benchmark stops with a
     one-line message; the same command again resumes that run from its checkpoint and finishes."""
     import signal
-    argv = [sys.executable, "-m", "eval.leakage", "--out", str(tmp_path), *TOY[:6], "--steps", "60",
+    argv = [sys.executable, "-m", "experiments.leakage", "--out", str(tmp_path), *TOY[:6], "--steps", "60",
             "--methods", "retrinet", "--settings", "a", "--samples", "1", "--sample-steps", "2",
             "--train-args", "--batch-size", "4", "--val-steps", "2", "--val-count", "1", "--log-every", "1"]
     proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -204,3 +209,19 @@ def test_scatter_labels_its_points(tmp_path):
 
     for colour in PALETTE[:2]:
         assert near(tmp_path / "labels.png", colour) > near(tmp_path / "plain.png", colour) + 200
+
+
+def test_old_command_hands_over(tmp_path):
+    """`python -m eval.leakage ...`: one deprecation line on stderr, then the benchmark itself with the
+    same arguments and exit status; importing eval.leakage loads nothing that trains."""
+    res = subprocess.run([sys.executable, "-m", "eval.leakage", "--out", str(tmp_path), "--steps", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert lines[0] == "python -m eval.leakage is deprecated: use python -m experiments.leakage (running it now)"
+    assert res.stderr.count("deprecated") == 1
+    assert "usage: python -m experiments.leakage" in res.stderr and "--steps must be >= 1" in res.stderr
+    loaded = subprocess.run([sys.executable, "-c", "import sys, eval.leakage; print(sorted({m.split('.')[0] for m in "
+                             "sys.modules} & {'experiments', 'training', 'retrinet', 'torch'}))"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

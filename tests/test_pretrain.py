@@ -100,6 +100,7 @@ def test_saved_clip_loads_as_clip_and_as_image_encoder(tmp_path):
     torch.testing.assert_close(encoder(pixels), clip.encode_image(pixels), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_command_writes_the_stack(tmp_path):
     """The whole command on a budget of seconds: both stages, the files that ship, their checksums,
     the record; a second run reuses the CLIP and keeps its record."""

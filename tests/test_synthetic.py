@@ -1,4 +1,4 @@
-"""The procedural synthetic RetriBooru generator (data/synthetic.py)."""
+"""The procedural synthetic RetriBooru generator (data/synthetic/)."""
 import json
 import subprocess
 import sys
@@ -279,7 +279,7 @@ def test_scene_option(tmp_path):
     drawn as tagged (the border is the tag's colour; raised arms reach above the shoulders), and a
     prompt naming the scene alone; the scenes vary within an identity. Same arguments, same bytes."""
     from data.synthetic import SCENE_BACKGROUNDS, Scene, identity_tags, scene_prompt
-    from eval.scene_score import scene_of
+    from data.synthetic.scene_score import scene_of
     generate(tmp_path / "s", 6, 6, 48, 3, noise_fraction=0.0, hats=False, scene=True)
     records = read_jsonl(tmp_path / "s" / "annotations.jsonl")
     idents = {i.character.name + i.artist.name: i for i in make_identities(6, 3, hats=False)}

@@ -44,7 +44,7 @@ def test_base_draws_the_prompted_background():
     """Eight samples from prompts alone (two per background colour, 10 DDIM steps): the scene
     reader finds the prompted background in nearly all (chance 1 in 4)."""
     from diffusion.sd15 import text_to_image
-    from eval import scene_score
+    from data.synthetic import scene_score
     sd = load_tiny_stack()
     right = 0
     for i, colour in enumerate(["blue", "green", "purple", "grey"] * 2):

@@ -16,7 +16,7 @@ The data: `draw_scenes` renders data.synthetic's figures with random identities 
 bottom colours, styles, artists; no hats) in random scenes (a named background colour, arms, facing),
 each described in full by a Danbooru-style prompt (`prompt_of`) of which training drops parts. One
 colour combination in ten of (hair, top, bottom) is never drawn for training (`is_held_out`): the
-evaluation (`zero_shot` here, eval.base_score for the U-Net) draws its images from those.
+evaluation (`zero_shot` here, training.base_score for the U-Net) draws its images from those.
 `pretrain.py` (`make base`) runs both stages and writes the stack's files (`save_clip`,
 training.presets.save_base; the token embedding in half precision, HALF_KEYS).
 """

@@ -1,4 +1,4 @@
-"""Does an image show a synthetic identity's colours? (hair, top and bottom garment of data/synthetic.py)
+"""Does an image show a synthetic identity's colours? (hair, top and bottom garment of render.draw_figure)
 
 Used to score generated images of held-out identities: ``dominant_colours(image)`` names the hair colour
 (a ``HAIR_COLORS`` name) and the top and bottom garment colours (``CLOTH_COLORS`` names) of the figure in
@@ -7,8 +7,9 @@ and adds a chance baseline. Images: PIL, uint8 (H, W, 3) arrays or float (3, H, 
 (the loader's convention), any size; they are worked on at most 64 px (antialiased bilinear, as
 ``data.transforms.fit_and_pad`` resizes).
 
-Method (every constant comes from ``data.synthetic.draw_figure``; "local units" are its figure units,
-the head top at y = 0.5, a hat top at y = -8, the feet at y ~ 97-99.5):
+Method (every shape, colour and size of the figure comes from geometry.py, the table that
+``render.draw_figure`` draws from; "local units" are its figure units, the head top at y = HAIR_TOP = 0.5,
+a hat top at y = HAT_TOP = -8, the feet at y ~ 97-99.5):
 
 1. Background: a robust vertical-gradient fit to the border pixels (flat and gradient backgrounds) plus
    the colours of large flat light regions that are no figure colour (the "shapes" backgrounds);
@@ -69,15 +70,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from common.jsonl import read_objects
-from data.annotations import load_records
-from data.synthetic import CLOTH_COLORS, EYE_COLORS, HAIR_COLORS, OUTLINE_COLORS, SKIN_TONES
+
+from ..annotations import load_records
+from .geometry import (CLOTH_COLORS, CLOTH_SHADE, EYE, EYE_COLORS, EYES_X, FEET_WIDTH, HAIR_COLORS,
+                       HAIR_SHADE, HAIR_TOP, HAT, HAT_TOP, HEAD, HEAD_HEIGHT, LEG, LEG_SPREAD, LIGHT_CLOTH,
+                       LONG_HAIR, NECK, OUTLINE_COLORS, PATTERN_SHADE, PATTERN_TINT, PONYTAIL, RIBBON_BOWS,
+                       RIBBON_KNOT, SHOE, SIDE_LEN, SKIN_TONES, TORSO, TWINTAIL, feet_bottom, front_hair)
 
 ATTRIBUTES = ("hair", "top", "bottom")
 IDENTITY_KEYS = {"hair": "hair_color", "top": "top", "bottom": "bottom"}
 HAIR_NAMES, CLOTH_NAMES = list(HAIR_COLORS), list(CLOTH_COLORS)
 WORK_MAX = 64                      # images are analysed at most this large
-SHOE = (60, 40, 35)
-SIDE_LEN = {"short_hair": 19, "long_hair": 24, "twintails": 22, "ponytail": 20}
 
 
 def _f32(rows) -> np.ndarray:
@@ -86,15 +89,15 @@ def _f32(rows) -> np.ndarray:
 
 def _pattern(c):
     c = np.asarray(c, np.float32)
-    return c * 0.6 if c.sum() > 450 else c * 0.4 + 255 * 0.6
+    return c * PATTERN_SHADE if c.sum() > LIGHT_CLOTH else c * (1 - PATTERN_TINT) + 255 * PATTERN_TINT
 
 
 HAIR, CLOTH, SKIN = _f32(list(HAIR_COLORS.values())), _f32(list(CLOTH_COLORS.values())), _f32(SKIN_TONES)
 LINES, EYES = _f32(OUTLINE_COLORS), _f32(list(EYE_COLORS.values()))
-# Shades of each name as the renderer paints them: flat and shaded (hair x0.85, cloth x0.78); tops also
+# Shades of each name as the renderer paints them: flat and shaded (HAIR_SHADE, CLOTH_SHADE); tops also
 # mixed with their stripe (32 % cover) or dot (15 %) pattern colour.
-HAIR_SHADES = np.stack([HAIR, HAIR * 0.85], 1)                                          # (10, 2, 3)
-CLOTH_SHADES = np.stack([CLOTH, CLOTH * 0.78] + [
+HAIR_SHADES = np.stack([HAIR, HAIR * HAIR_SHADE], 1)                                          # (10, 2, 3)
+CLOTH_SHADES = np.stack([CLOTH, CLOTH * CLOTH_SHADE] + [
     np.stack([c * (1 - t) + _pattern(c) * t for c in CLOTH]) for t in (0.32, 0.15)], 1)  # (11, 4, 3)
 FIGURE_COLOURS = np.concatenate([HAIR_SHADES.reshape(-1, 3), CLOTH_SHADES.reshape(-1, 3),
                                  np.stack([_pattern(c) for c in CLOTH]), SKIN, EYES, LINES, _f32([SHOE])])
@@ -243,7 +246,7 @@ class Frame:
 
     @property
     def top_local(self) -> float:
-        return -8.0 if self.accessory == "hat" else 0.5
+        return HAT_TOP if self.accessory == "hat" else HAIR_TOP
 
     def moved(self, dx=0.0, dtop=0.0, ds=0.0) -> "Frame":
         """Centre moved by dx and figure top by dtop pixels; a full figure keeps its feet (the scale
@@ -300,7 +303,7 @@ def initial_frames(a, bg: Background) -> list[Frame]:
         # A close-up: the head is 60-85 % of the image high (draw_figure's close-up poses).
         top = ys.min() + TOP_PAD
         cx = float(np.median(xs[ys < top + 0.25 * h] + 0.5))
-        return [Frame(cx, top - 0.5 * k * h / 25.5, k * h / 25.5, portrait=True)
+        return [Frame(cx, top - HAIR_TOP * k * h / HEAD_HEIGHT, k * h / HEAD_HEIGHT, portrait=True)
                 for k in (0.62, 0.72, 0.82)]
     top0, bot0 = ys.min(), ys.max() + 1
     lower = xs[ys + 0.5 > top0 + 0.62 * (bot0 - top0)]
@@ -316,15 +319,15 @@ def initial_frames(a, bg: Background) -> list[Frame]:
     bot = ys.max() + 1 - BOT_PAD
     feet = 98.3
     for _ in range(3):   # spread legs end higher: read the spread off the feet width
-        s = (bot - top) / (feet - 0.5)
+        s = (bot - top) / (feet - HAIR_TOP)
         low = ys + 0.5 > bot - 6 * s
         width = (np.ptp(xs[low]) + 1 - 2 * BOT_PAD) / s if low.any() else 21.0
-        spread = math.asin(float(np.clip((width - 19.0) / 68.0, math.sin(math.radians(2)),
-                                         math.sin(math.radians(22)))))
-        feet = 65.5 + 34 * math.cos(spread)
+        spread = math.asin(float(np.clip((width - FEET_WIDTH) / (2 * LEG), math.sin(math.radians(LEG_SPREAD[0])),
+                                         math.sin(math.radians(LEG_SPREAD[1])))))
+        feet = feet_bottom(spread)
     if s * 25 < 1.0:          # a figure under ~4 px high: nothing to read
         return []
-    fr = Frame(cx, top - 0.5 * s, s, feet=bot, feet_local=feet)
+    fr = Frame(cx, top - HAIR_TOP * s, s, feet=bot, feet_local=feet)
     return [fr, fr.with_hat(True)]
 
 
@@ -364,34 +367,30 @@ def head_coverage(fr: Frame, box, line_px) -> np.ndarray:
 
     if fr.style == "any":
         for flip in (1, -1):
-            poly([(-13, 10), (13, 10), (15, 50), (-15, 50)], 255, draw=du)
-            ell(17, 34, 5.5, 20, 255, draw=du, flip=flip)
-            ell(-15, 28, 5.5, 17, 255, draw=du, flip=flip)
+            poly(LONG_HAIR, 255, draw=du)
+            ell(*TWINTAIL, 255, draw=du, flip=flip)
+            ell(*PONYTAIL, 255, draw=du, flip=flip)
             poly([(-13.5, 18), (-9, 18), (-9, 25), (-13.5, 25)], 255, draw=du, flip=flip)
     elif fr.style == "long_hair":
-        poly([(-13, 10), (13, 10), (15, 50), (-15, 50)], 1)
+        poly(LONG_HAIR, 1)
     elif fr.style == "twintails":
         for side in (-1, 1):
-            ell(side * 17, 34, 5.5, 20, 1)
+            ell(side * TWINTAIL[0], *TWINTAIL[1:], 1)
     elif fr.style == "ponytail":
-        ell(-15, 28, 5.5, 17, 1)
-    poly([(-3, 22), (3, 22), (3, 30), (-3, 30)], 2)                        # neck
-    poly([(-11, 28), (11, 28), (9, 55), (-9, 55)], 5)                      # torso
-    ell(0, 14, 11, 12, 2)                                                  # head
-    for ex in (-4.5, 4.5):
-        ell(ex + 1.5, 16.5, 2.2, 3.0, 4, max(1, ow // 2))                  # eyes
-    sl = SIDE_LEN.get(fr.style, 19)
-    cap = [(12.5 * math.cos(t), 13 + 12.5 * math.sin(t)) for t in np.linspace(math.pi, 2 * math.pi, 13)]
-    bangs = [(12.5, sl), (10, sl - 2), (10, 11), (7, 8), (5, 12), (2, 8), (-1, 12), (-4, 8), (-7, 12),
-             (-10, 10), (-10, sl - 2), (-12.5, sl)]
-    poly([(-12.5, sl), (-12.5, 13)] + cap[1:] + bangs, 1)                  # front hair
+        ell(*PONYTAIL, 1)
+    poly(NECK, 2)
+    poly(TORSO, 5)
+    ell(*HEAD, 2)
+    for ex in EYES_X:
+        ell(ex + EYE[0], *EYE[1:], 4, max(1, ow // 2))
+    poly(front_hair(SIDE_LEN.get(fr.style, SIDE_LEN["short_hair"])), 1)
     if fr.accessory == "hat":
-        ell(0, -1, 10, 7, 6)
-        ell(0, 3.5, 16, 3.2, 6)
+        for part in HAT:
+            ell(*part, 6)
     elif fr.accessory == "ribbon":
-        for dx in (-1, 1):
-            poly([(-9, 3), (-9 + 5 * dx, 0), (-9 + 5 * dx, 6)], 6)
-        ell(-9, 3, 1.5, 1.5, 6)
+        for bow in RIBBON_BOWS:
+            poly(bow, 6)
+        ell(*RIBBON_KNOT, 6)
     bh, bw = y1 - y0, x1 - x0
     block = (np.arange(bh * k) // k)[:, None] * bw + (np.arange(bw * k) // k)[None, :]
     n = len(PARTS)

@@ -3,8 +3,8 @@
 base never saw in training), read by the project's own scorers, against the same scorers on the real
 images of those scenes (the ceiling).
 
-* hair, top and bottom colours: eval.identity_score.dominant_colours;
-* background and arms: eval.scene_score (facing is not scored: its reader is not reliable);
+* hair, top and bottom colours: data.synthetic.identity_score.dominant_colours;
+* background and arms: data.synthetic.scene_score (facing is not scored: its reader is not reliable);
 * flatness: the standard deviation of the border pixels (every training image has a flat
   background; noise shows here).
 """
@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eval import identity_score, scene_score
+from data.synthetic import identity_score, scene_score
 from diffusion.sd15 import text_to_image
 from training.pretrain import Drawn, draw_scenes, prompt_of, to_model_pixels
 
 
 def read_scene(image) -> dict:
     """What the project's scorers read in an image (uint8 (H, W, 3)): hair, top and bottom colours
-    (eval.identity_score), background and arms (eval.scene_score), and the background's flatness
+    (data.synthetic.identity_score), background and arms (data.synthetic.scene_score), and the background's flatness
     (the standard deviation of the border pixels, RGB units)."""
     a = np.asarray(image)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).astype(np.float32)

@@ -1,12 +1,12 @@
 """What scene does an image show? Background colour, arms and facing of data.synthetic's scenes.
 
-The leakage benchmark (eval/leakage.py) asks a model for one scene in the prompt while its
+The leakage benchmark (experiments/leakage.py) asks a model for one scene in the prompt while its
 references show another, then reads the scene of each sample with these readers:
 
 * ``background(image)``: the SCENE_BACKGROUNDS name nearest the median of the image's border pixels,
   or None when no palette colour is within BACKGROUND_TOL (a sample whose border is no scene colour);
 * ``arms(image)``: "arms_up" or "arms_down" from the figure's silhouette: the widest foreground row
-  in the upper 40% of the figure, over the figure's height. Raised arms (data.synthetic.SCENE_ARMS:
+  in the upper 40% of the figure, over the figure's height. Raised arms (geometry.SCENE_ARMS:
   105-125 degrees from hanging) put the hands beside the head, far outside the shoulders (about 0.7
   of the height); hanging arms leave the head, hair and shoulders the widest (at most 0.5);
 * ``facing(image)``: "facing_left" or "facing_right" from identity_score's head model, fitted both
@@ -27,8 +27,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from data.synthetic import SCENE_ARMS, SCENE_BACKGROUNDS, SCENE_FACING
-from eval import identity_score
+from . import identity_score
+from .geometry import SCENE_ARMS, SCENE_BACKGROUNDS, SCENE_FACING
 
 BACKGROUND_TOL = 40.0    # RGB distance from the border median to a palette colour (palette colours are >= 47 apart)
 FOREGROUND_TOL = 40.0    # RGB distance from the background at which a pixel is figure
@@ -101,7 +101,7 @@ CHOICES = {"background": len(SCENE_BACKGROUNDS), "arms": len(SCENE_ARMS), "facin
 
 
 def scene_of(tags) -> dict:
-    """{'background', 'arms', 'facing'} of an image's tags (data.synthetic.Scene.tags); None where absent."""
+    """{'background', 'arms', 'facing'} of an image's tags (identities.Scene.tags); None where absent."""
     out = {"background": None, "arms": None, "facing": None}
     for t in tags:
         if t.endswith("_background") and t[:-len("_background")] in SCENE_BACKGROUNDS:
