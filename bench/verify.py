@@ -19,11 +19,12 @@ Rows; error = max |ours - theirs| / max |theirs|:
   IP-Adapter U-Net     the U-Net's eps with the adapter at scale 1
   CLIP text, image     the projected features of --clip
 
-Theirs come from the files through the oracles' own code: diffusers' converters for the LDM single
-file and the official ControlNet file, from_pretrained for diffusers and transformers folders,
-diffusers' IP-Adapter loader. The oracles are test-only dependencies (requirements-dev.txt),
-imported by this command alone. The configs of an SD single file are SD v1.5's unless --config
-(train.py's and sample.py's JSON) says otherwise; a diffusers folder carries its own.
+Theirs come from the files through the oracles' own code (bench/oracles.py, which the parity tests
+share): diffusers' converters for the LDM single file and the official ControlNet file, from_pretrained
+for diffusers and transformers folders, diffusers' IP-Adapter loader. The oracles are test-only
+dependencies (requirements-dev.txt), imported by this command and the tests alone. The configs of an
+SD single file are SD v1.5's unless --config (train.py's and sample.py's JSON) says otherwise; a
+diffusers folder carries its own.
 
 Memory: every model is loaded on the CPU (about 24 GB in fp32 with every file given) and each pair
 runs on --device for its rows only (at most about 12 GB in fp32: the IP-Adapter's two U-Nets and
@@ -51,9 +52,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-# Our sampler names -> diffusers' scheduler classes (the one table; the tests use it too).
-SAMPLERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-            "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+from bench.oracles import (SAMPLERS, diffusers_controlnet, diffusers_ip_adapter, diffusers_pipeline, hf_tokenizer,
+                           single_file_parts)
+
 THRESHOLDS = {"fp32": {"pass": 1e-4, "sampling": 1e-4}, "fp16": {"pass": 1e-2, "sampling": 3e-2}}
 PROMPTS = ["a photograph of an astronaut riding a horse", ""]
 TOKENIZER_PROMPTS = PROMPTS + ["A girl, blue hair, school uniform; smiling!! (masterpiece) 1girl",
@@ -183,99 +184,14 @@ def dtype_of(args) -> torch.dtype:
 
 # -- theirs -------------------------------------------------------------------------------------------
 
-def original_config(unet_cfg, vae_cfg) -> dict:
-    """The LDM yaml (v1-inference.yaml) as a dict, for diffusers' single-file converters."""
-    unet = dict(in_channels=unet_cfg.in_channels, out_channels=unet_cfg.out_channels,
-                model_channels=unet_cfg.model_channels, attention_resolutions=list(unet_cfg.attention_resolutions),
-                num_res_blocks=unet_cfg.num_res_blocks, channel_mult=list(unet_cfg.channel_mult),
-                transformer_depth=unet_cfg.transformer_depth, context_dim=unet_cfg.context_dim,
-                use_linear_in_transformer=unet_cfg.use_linear_in_transformer)
-    if unet_cfg.num_head_channels == -1:
-        unet["num_heads"] = unet_cfg.num_heads
-    else:
-        unet["num_head_channels"] = unet_cfg.num_head_channels
-    dd = dict(double_z=vae_cfg.double_z, z_channels=vae_cfg.z_channels, resolution=vae_cfg.resolution,
-              in_channels=vae_cfg.in_channels, out_ch=vae_cfg.out_ch, ch=vae_cfg.ch, ch_mult=list(vae_cfg.ch_mult),
-              num_res_blocks=vae_cfg.num_res_blocks, attn_resolutions=list(vae_cfg.attn_resolutions), dropout=0.0)
-    return {"model": {"params": {"scale_factor": 0.18215, "unet_config": {"params": unet},
-                                 "first_stage_config": {"params": {"embed_dim": vae_cfg.embed_dim, "ddconfig": dd}}}}}
-
-
-def hf_text_config(cfg):
-    """transformers' CLIPTextConfig for our CLIPTextConfig."""
-    import transformers
-    return transformers.CLIPTextConfig(**vars(cfg))
-
-
-def single_file_parts(path: Path, configs: dict, scratch: Path):
-    """diffusers' U-Net and VAE and transformers' text encoder from an LDM single file, converted by
-    diffusers' own single-file code (the text encoder's keys through transformers' own loading)."""
-    import diffusers
-    import transformers
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-    from safetensors.torch import load_file, save_file
-    state = load_file(str(path))
-    yaml = original_config(configs["unet"], configs["vae"])
-    ucfg = create_unet_diffusers_config_from_ldm(yaml, state)
-    ucfg["norm_num_groups"] = configs["unet"].norm_groups  # not a yaml field: LDM always has 32
-    unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, ucfg), strict=True)
-    vcfg = create_vae_diffusers_config_from_ldm(yaml, state)
-    vae = diffusers.AutoencoderKL(**vcfg)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(state, vcfg), strict=True)
-    folder = scratch / "text_encoder"
-    hf_text_config(configs["text_encoder"]).save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in convert_ldm_clip_checkpoint(state).items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
-    text, info = transformers.CLIPTextModel.from_pretrained(str(folder), output_loading_info=True)
-    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
-    if missing:
-        raise ValueError(f"{path}: diffusers' converter gave no text encoder weights for {', '.join(missing[:3])}")
-    return unet, vae, text
-
-
-def hf_tokenizer(args, folder: Path):
-    """transformers' CLIPTokenizer from the diffusers folder's tokenizer/, else our bundled vocabulary."""
-    import transformers
-    tok = Path(args.weights) / "tokenizer" if args.weights else None
-    if tok is not None and tok.is_dir():
-        return transformers.CLIPTokenizer.from_pretrained(str(tok), model_max_length=77)  # SD's context length
-    return bundled_hf_tokenizer(folder)
-
-
-def bundled_hf_tokenizer(folder: Path):
-    """transformers' CLIPTokenizer over our bundled vocabulary (written into `folder`), as SD's."""
-    import transformers
-    from clip.tokenizer import write_vocab_files
-    vocab, merges = write_vocab_files(folder)
-    return transformers.CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77)
-
-
-def scheduler_config(schedule) -> dict:
-    """diffusers' scheduler config for our NoiseSchedule, with SD v1.5's sampling settings (its
-    scheduler_config.json: leading timesteps, offset 1, no clipping)."""
-    return dict(beta_start=schedule.beta_start, beta_end=schedule.beta_end, beta_schedule="scaled_linear",
-                num_train_timesteps=schedule.num_train_timesteps, set_alpha_to_one=False, skip_prk_steps=True,
-                steps_offset=1, clip_sample=False, prediction_type=schedule.prediction, timestep_spacing="leading")
-
-
-def diffusers_pipeline(sampler: str, schedule, *, vae, text_encoder, tokenizer, unet):
-    """diffusers' StableDiffusionPipeline over the given parts with our `sampler`'s scheduler."""
-    import diffusers
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config(schedule)),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_theirs(args, ours, scratch: Path) -> SimpleNamespace:
     """The oracles' models from the very same files, in --precision, on the CPU."""
+    import copy
+
     import diffusers
     import transformers
+    from safetensors.torch import load_file
+
     from diffusion.sd15 import model_configs
     dtype = dtype_of(args)
     theirs = SimpleNamespace(unet=None, vae=None, text=None, tokenizer=None, schedule=None, controlnet=None,
@@ -289,12 +205,12 @@ def load_theirs(args, ours, scratch: Path) -> SimpleNamespace:
             theirs.text = transformers.CLIPTextModel.from_pretrained(str(w / "text_encoder"))
         else:
             theirs.unet, theirs.vae, theirs.text = single_file_parts(w, configs, scratch)
-        theirs.tokenizer = hf_tokenizer(args, scratch)
+        theirs.tokenizer = hf_tokenizer(args.weights, scratch)
         theirs.schedule = configs["schedule"]
     if args.controlnet:
-        theirs.controlnet = load_their_controlnet(args, ours)
-    if args.ip_adapter:
-        theirs.ip_unet = load_their_ip_adapter(args, theirs.unet)
+        theirs.controlnet = diffusers_controlnet(args.controlnet, ours.sd.unet, ours.sd.vae.config)
+    if args.ip_adapter:  # a second U-Net (the same weights) carrying the adapter at scale 1
+        theirs.ip_unet = diffusers_ip_adapter(copy.deepcopy(theirs.unet), load_file(args.ip_adapter), 1.0)
         theirs.image_encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(args.image_encoder)
     if args.clip:
         theirs.clip = transformers.CLIPModel.from_pretrained(args.clip)
@@ -302,55 +218,6 @@ def load_theirs(args, ours, scratch: Path) -> SimpleNamespace:
         if isinstance(model, torch.nn.Module):
             setattr(theirs, name, model.to("cpu", dtype).eval())
     return theirs
-
-
-def load_their_controlnet(args, ours):
-    """diffusers' ControlNetModel from the official file, through its own converter (the config from
-    the U-Net's, as its single-file loader does)."""
-    import diffusers
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-    from safetensors.torch import load_file
-    state = load_file(args.controlnet)
-    if not any(k.startswith("control_model.") for k in state):  # prefix-less third-party files
-        state = {"control_model." + k: v for k, v in state.items()}
-    cfg = controlnet_config(ours.sd.unet, ours.sd.vae.config)
-    model = diffusers.ControlNetModel(**cfg)
-    model.load_state_dict(convert_controlnet_checkpoint(state, cfg), strict=True)
-    return model
-
-
-def controlnet_config(unet, vae_cfg) -> dict:
-    """diffusers' ControlNetModel config for a ControlNet over our `unet`: the U-Net's fields as diffusers'
-    converter gives them (diffusers 0.42.1's create_controlnet_diffusers_config_from_ldm calls that
-    converter without its checkpoint argument, a TypeError, so the fields are taken here)."""
-    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
-    ucfg = create_unet_diffusers_config_from_ldm(original_config(unet.config, vae_cfg),
-                                                 {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()})
-    fields = ["in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-              "attention_head_dim", "use_linear_projection", "transformer_layers_per_block"]
-    return {"conditioning_channels": 3, "norm_num_groups": unet.config.norm_groups, **{k: ucfg[k] for k in fields}}
-
-
-def load_their_ip_adapter(args, unet):
-    """A second diffusers U-Net (the same weights) carrying the official IP-Adapter file, loaded by
-    diffusers' own IP-Adapter loader at scale 1."""
-    import copy
-
-    from safetensors.torch import load_file
-    return diffusers_ip_adapter(copy.deepcopy(unet), load_file(args.ip_adapter), 1.0)
-
-
-def diffusers_ip_adapter(unet, official: dict, scale: float):
-    """`unet` (diffusers') carrying an official-layout IP-Adapter state dict (ip-adapter_sd15's keys),
-    loaded by diffusers' own IP-Adapter loader, at `scale`."""
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-    nested = {part: {k[len(part) + 1:]: v for k, v in official.items() if k.startswith(part + ".")}
-              for part in ("image_proj", "ip_adapter")}
-    unet._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
-    for proc in unet.attn_processors.values():
-        if isinstance(proc, IPAdapterAttnProcessor2_0):
-            proc.scale = [scale]
-    return unet
 
 
 # -- the comparisons ----------------------------------------------------------------------------------

@@ -3,13 +3,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import random_unet, retrinet_inputs, trained_like
 from retrinet import AttentionRecorder, RetriUNet, render_attention_grid
-from test_retrinet import _inputs, _trained_like, _unet
 
 
 def test_records_probability_maps_and_leaves_outputs_alone():
-    model = _trained_like(RetriUNet(_unet()).eval())
-    x, t, ctx, refs, ref_ctx = _inputs(k=2, ref_hw=(8, 8))
+    model = trained_like(RetriUNet(random_unet()).eval())
+    x, t, ctx, refs, ref_ctx = retrinet_inputs(k=2, ref_hw=(8, 8))
     refs_ctx_len = ref_ctx.shape[2]
     with torch.no_grad():
         plain = model(x, t, ctx, refs, ref_ctx)
@@ -28,8 +28,8 @@ def test_records_probability_maps_and_leaves_outputs_alone():
 
 
 def test_timestep_filter_and_bad_block():
-    model = _trained_like(RetriUNet(_unet()).eval())
-    x, t, ctx, refs, ref_ctx = _inputs(k=1, ref_hw=(8, 8))
+    model = trained_like(RetriUNet(random_unet()).eval())
+    x, t, ctx, refs, ref_ctx = retrinet_inputs(k=1, ref_hw=(8, 8))
     with torch.no_grad(), AttentionRecorder(model.retrinet, blocks=["middle"], timesteps=[17]) as rec:
         model(x[:1], t[:1], ctx[:1], refs[:1], ref_ctx[:1])   # t = 17: recorded
         model(x[1:], t[1:], ctx[1:], refs[1:], ref_ctx[1:])   # t = 640: skipped

@@ -20,19 +20,9 @@ from PIL import Image
 from data import build as B
 from data.synthetic import CLOTH_COLORS, generate
 from data.validate import validate
+from helpers import UNIFORM, row, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-CLOTH = ["school_uniform", "serafuku", "skirt"]
-UNIFORM = ["1girl", "school_uniform", "skirt", "smile"]
-
-
-def row(id, answer="red and white", char="alice", artist="art1", tags=UNIFORM, *,
-        chars=None, artists=None, image=True, mask=True, box=True, identity=None, pic=None):
-    """One input image; its picture is picture(pic), picture(id) by default (pic=another id: a
-    byte-identical re-upload of that image)."""
-    return dict(id=id, answer=answer, chars=[char] if chars is None else chars,
-                artists=[artist] if artists is None else artists, tags=list(tags),
-                image=image, mask=mask, box=box, identity=identity, pic=id if pic is None else pic)
 
 
 # The shared scenario; the comment says what happens to each row.
@@ -55,52 +45,6 @@ ROWS = [
     row(18, image=False),                                        # no_image
 ]
 KEPT = {1: [2, 3], 2: [1, 3], 3: [1, 2], 6: [7], 7: [6], 8: [9], 9: [8]}
-
-
-def picture(seed, size=8):
-    """A noise picture of its own per seed: any two are ~64 of the 128 hash bits apart (a flat
-    picture would not do: every flat picture has the same difference hash)."""
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def write_dataset(tmp_path, rows):
-    """Write the inputs; return the build() keyword arguments."""
-    ds = tmp_path / "ds"
-    (ds / "meta").mkdir(parents=True)
-    (ds / "images").mkdir()
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    meta, vqa, boxes, truth = [], [], [], []
-    for r in rows:
-        i = r["id"]
-        meta.append({"id": i, "image": f"images/{i}.png", "width": 8, "height": 8,
-                     "general_tags": r["tags"], "character_tags": r["chars"],
-                     "artist_tags": r["artists"]})
-        if r["image"]:
-            picture(r["pic"]).save(ds / "images" / f"{i}.png")
-        if r["mask"]:
-            Image.new("L", (8, 8), 255).save(masks / f"{i}.png")
-        if r["answer"] is not None:
-            vqa.append({"id": i, "question": "What are the top two colors of the character's "
-                        "clothes?", "answer": r["answer"]})
-        if r["box"]:
-            boxes.append({"id": i, "face_bbox": [1, 1, 5, 4]})
-        if r["identity"] is not None:
-            truth.append({"id": i, "identity": r["identity"]})
-
-    def dump(path, objs):
-        path.write_text("".join(json.dumps(o) + "\n" for o in objs))
-        return path
-
-    kw = dict(metadata=dump(ds / "meta" / "metadata.jsonl", meta),
-              vqa=dump(tmp_path / "vqa_answers.jsonl", vqa),
-              cloth_tags=tmp_path / "cloth_tags.txt",
-              masks=masks, boxes=dump(tmp_path / "face_boxes.jsonl", boxes),
-              out=tmp_path / "out")
-    kw["cloth_tags"].write_text("\n".join(CLOTH) + "\n")
-    if truth:
-        kw["truth"] = dump(tmp_path / "identities.jsonl", truth)
-    return kw
 
 
 def read_ann(out):

@@ -11,11 +11,10 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, c
 from diffusers.models.attention_processor import AttnProcessor
 from safetensors.torch import save_file
 
-from bench.verify import controlnet_config
+from bench.oracles import controlnet_config, diffusers_unet, unet_yaml
 from common.weights import CheckpointError
 from helpers import randomize_, rel_err
 from retrinet import ControlNet, ControlNetUNet, RetriUNet, load_reference_model
-from test_unet import diffusers_twin, ldm_yaml
 from unet import UNet, UNetConfig
 from vae import VAEConfig
 
@@ -59,7 +58,7 @@ def test_parity_with_diffusers():
     ref_control = ControlNetModel(**dcfg).eval()
     ref_control.load_state_dict(convert_controlnet_checkpoint(ckpt, dcfg), strict=True)
     ref_control.set_attn_processor(AttnProcessor())
-    ref_unet = diffusers_twin(model.unet, CFG)
+    ref_unet = diffusers_unet(model.unet, CFG)
     x, t, ctx, hint = _inputs()
     with torch.no_grad():
         down, mid = ref_control(x, t, ctx, controlnet_cond=hint, return_dict=False)
@@ -122,7 +121,7 @@ GRAD_CFG = dataclasses.replace(CFG, norm_groups=16)
 def _diffusers_controlnet(control: ControlNet, cfg: UNetConfig) -> tuple[ControlNetModel, dict]:
     """diffusers' ControlNetModel holding `control`'s weights (the conversion test_parity_with_diffusers
     uses), and its config."""
-    unet_cfg = create_unet_diffusers_config_from_ldm(ldm_yaml(cfg), {})
+    unet_cfg = create_unet_diffusers_config_from_ldm(unet_yaml(cfg), {})
     fields = ["in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
               "attention_head_dim", "use_linear_projection", "transformer_layers_per_block"]
     dcfg = {"conditioning_channels": 3, "norm_num_groups": cfg.norm_groups, **{k: unet_cfg[k] for k in fields}}
@@ -139,7 +138,7 @@ def test_training_step_gradients_equal_diffusers():
     model = ControlNetUNet(randomize_(UNet(GRAD_CFG), seed=0), lock="decoder")
     randomize_(model.control, seed=5)  # zero convs and hint embedding included: non-trivial gradients everywhere
     ref_control, dcfg = _diffusers_controlnet(model.control, GRAD_CFG)
-    ref_unet = diffusers_twin(model.unet, GRAD_CFG).requires_grad_(False)
+    ref_unet = diffusers_unet(model.unet, GRAD_CFG).requires_grad_(False)
     ref_control.train()
     ref_unet.train()
     g = torch.Generator().manual_seed(6)

@@ -409,11 +409,7 @@ def test_manifest_paths_are_relative_to_the_manifest(tmp_path):
 
 # ---- the protocol runner --------------------------------------------------------------------------
 
-from test_retrinet_sampling import retrinet_ckpt  # noqa: E402,F401  (fixture)
-from test_sd15 import small_sd, weights  # noqa: E402,F401  (fixtures)
-
-
-def test_protocol_runner_grid_manifest_resume(weights, retrinet_ckpt, clip_folder, tmp_path, capsys):  # noqa: F811
+def test_protocol_runner_grid_manifest_resume(weights, retrinet_ckpt, clip_folder, tmp_path, capsys):
     import sample
     from eval import protocol
     folder, _, _ = weights
@@ -475,7 +471,7 @@ def test_protocol_runner_grid_manifest_resume(weights, retrinet_ckpt, clip_folde
     assert (row["model"], row["scored"], row["with_vqa"], row["VQA"]) == ("R-test", 8, 0, None)
 
 
-def test_protocol_rejects_bad_characters_before_loading(weights, tmp_path, capsys):  # noqa: F811
+def test_protocol_rejects_bad_characters_before_loading(weights, tmp_path, capsys):
     from eval import protocol
     folder, _, _ = weights
     (tmp_path / "p.txt").write_text("a prompt\n")

@@ -309,7 +309,7 @@ def test_loader_and_validator_convert_16_bit_and_name_refused_modes(synthetic, c
 def test_build_hashes_16_bit_images_as_the_loader_sees_them(tmp_path):
     """Two different 16-bit pictures: before, both hashed as white and were taken for copies."""
     from data import build as B
-    from test_build import row, write_dataset
+    from helpers import row, write_dataset
     kw = write_dataset(tmp_path, [row(1), row(2)])
     images = Path(kw["metadata"]).parent.parent / "images"
     for i in (1, 2):
@@ -573,7 +573,7 @@ def test_validate_calls_an_empty_dataset_an_error(tmp_path, capsys):
 
 def test_build_without_images_is_an_error_naming_the_root(tmp_path, capsys):
     from data import build as B
-    from test_build import row, write_dataset
+    from helpers import row, write_dataset
     kw = write_dataset(tmp_path, [row(1), row(2)])
     out = Path(kw["out"])
     out.mkdir()
@@ -594,7 +594,7 @@ def test_build_without_images_is_an_error_naming_the_root(tmp_path, capsys):
 
 def test_build_on_a_full_disk_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
     from data import build as B
-    from test_build import row, write_dataset
+    from helpers import row, write_dataset
     kw = write_dataset(tmp_path, [row(1), row(2)])
     out = Path(kw["out"])
     out.mkdir()

@@ -1,7 +1,7 @@
-"""train.py and demo.py under faults: non-finite training, unreadable validation data, resuming with
-other settings, a killed run's log, bad data and arguments, a full disk, a stalled DDP process and a
-stopped demo. Each fault ends with its exit status and one line naming what is wrong, and nothing
-written before is lost.
+"""train.py under faults: non-finite training, unreadable validation data, resuming with other
+settings, a killed run's log, bad data and arguments, a full disk and a stalled DDP process (a stopped
+demo: test_demo.py). Each fault ends with its exit status and one line naming what is wrong, and
+nothing written before is lost.
 
 Tiny preset at 16 px, batch 4, a few steps on a 24-sample synthetic dataset; subprocesses run with
 one thread each (two processes on two shared cores)."""
@@ -23,20 +23,12 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from data.synthetic import generate
 from training.checkpoints import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--resolution", "16", "--ref-resolution", "8", "--batch-size", "4", "--warmup", "2",
         "--log-every", "1", "--val-count", "1", "--val-steps", "2", "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault-data") / "syn"
-    generate(root, identities=8, images_per_identity=3, size=32, seed=0, noise_fraction=0.0)
-    return root  # 24 samples: 6 steps of 4 per epoch
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +88,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 # -- 1. the non-finite guard ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exploding_lr_stops_with_the_initial_weights(data, tmp_path, capsys, monkeypatch):
     """--lr 1e10: the first update gives finite but huge weights whose loss is NaN. The guard goes back
     to the weights before it each time, so after MAX_BAD_STEPS the checkpoint holds the initial
@@ -121,6 +114,7 @@ def test_exploding_lr_stops_with_the_initial_weights(data, tmp_path, capsys, mon
     assert all(torch.isfinite(t).all() for s in optimizer.values() for t in s.values())
 
 
+@pytest.mark.slow
 def test_non_finite_loss_goes_back_to_the_last_finite_weights(data, tmp_path, capsys, monkeypatch):
     """Losses NaN from step 4 on: the update of step 3 made the weights that give them, so the run
     stops with the weights after step 2, equal to those of a clean 2-step run."""
@@ -147,6 +141,7 @@ def test_non_finite_loss_goes_back_to_the_last_finite_weights(data, tmp_path, ca
     assert [r["loss"] is None for r in logged(out)] == [False] * 3 + [True] * 3
 
 
+@pytest.mark.slow
 def test_an_update_that_makes_non_finite_weights_is_undone_at_once(data, tmp_path, capsys, monkeypatch):
     """An optimizer step that writes NaN into a weight (as --clip-grad nan or --lr inf did) is undone
     in the same step: training goes on from the weights before it and ends with finite weights."""
@@ -200,6 +195,7 @@ def test_options_that_must_be_finite_are_refused_up_front(data, tmp_path, capsys
 
 # -- 2. validation on data the loader tolerates ---------------------------------------------------
 
+@pytest.mark.slow
 def test_validation_leaves_out_an_unreadable_sample_and_training_goes_on(data, tmp_path, capsys):
     from training.validation import validation_records
     root = tmp_path / "data"
@@ -293,6 +289,7 @@ def test_a_corrupt_state_file_is_one_line(data, earlier_run, capsys, damage):
 
 # -- 4. the log of a resumed run ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_truncates_the_log_to_the_resumed_step(data, tmp_path, capsys):
     """A run killed after logging step 4 but before its checkpoint, mid-line: resuming from step 2
     keeps steps 1-2 of the log, so that every step appears once."""
@@ -393,6 +390,7 @@ def test_an_unwritable_out_is_refused_with_a_temporary_file(data, earlier_run, c
     assert files(earlier_run) == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_checkpoint_time_keeps_the_earlier_checkpoints(data, earlier_run, capsys, monkeypatch):
     import training.checkpoints as ckpts
     real_save, saved = torch.save, []
@@ -426,6 +424,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_stalled_process_times_out_with_one_line_naming_it(data, tmp_path):
     """Two gloo processes (started as torchrun would, without torchrun's own restarts); once training
     runs, process 1 is stopped (SIGSTOP). Process 0 gives up after --ddp-timeout (0.1 min) and
@@ -456,32 +455,3 @@ def test_a_stalled_process_times_out_with_one_line_naming_it(data, tmp_path):
     assert not list((out / "checkpoints").glob(".step-*"))
     for ckpt in (out / "checkpoints").iterdir():
         assert read_state(ckpt)["step"] == int(ckpt.name[5:])
-
-
-# -- 7. a stopped demo ---------------------------------------------------------------------------------
-
-def test_sigterm_stops_the_demo_after_training_saves(tmp_path):
-    """SIGTERM to demo.py during training reaches train.py once: it saves, and the demo stops without
-    sampling (status 128 + 15), saying how to resume."""
-    out = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--out", str(out), "--identities", "8",
-                             "--images-per-identity", "4", "--heldout", "3", "--steps", "100000", "--samples", "2",
-                             "--sample-steps", "2", "--train-args", "--batch-size", "8", "--log-every", "1",
-                             "--val-steps", "2"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log = out / "run" / "log.jsonl"
-    deadline = time.time() + 90
-    while not (log.is_file() and log.read_text().count("\n") >= 2):
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    sent = time.time()
-    stdout, err = proc.communicate(timeout=60)
-    assert time.time() - sent < 15
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "train.py: SIGTERM received" in err and err.count("SIGTERM received") == 2  # the demo's and train.py's
-    (ckpt,) = (out / "run" / "checkpoints").iterdir()
-    assert read_state(ckpt)["step"] == int(ckpt.name[5:]) >= 2
-    assert f"demo: stopped by SIGTERM during training (train.py status 0; its checkpoint {ckpt}); no report. " \
-           f"Run the same command again to resume training" in err
-    assert not (out / "report.md").exists() and not (out / "heldout-samples.png").exists() and stdout == ""

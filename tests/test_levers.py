@@ -1,4 +1,4 @@
-"""train.py's levers for learning per CPU-minute (issue 18): --ema (training/ema.py), --snr-gamma
+"""train.py's levers for learning per CPU-minute: --ema (training/ema.py), --snr-gamma
 (training/objective.snr_weight) and --added-lr-scale: the average's update rule, exact resume, the
 file that sample.py and the demo load, the loss weights against diffusers' implementation, and the
 learning rate of each parameter group."""
@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import train
 from data.synthetic import generate
 from diffusion.schedule import NoiseSchedule
+from helpers import FAST as TRAIN_FAST
 from retrinet import RetriUNet
-from test_train import FAST as TRAIN_FAST
 from training.checkpoints import read_state
 from training.ema import EMA, EMA_FILE
 from training.objective import lr_at, snr_weight
@@ -56,6 +56,7 @@ def test_update_rule_with_warm_up_and_exact_swap():
         EMA(p, decay=1.0)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_average_exactly_and_the_demo_file_loads(data, tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 steps: the same weights and the same average,
     bit for bit; the average is a model file of its own that RetriUNet.load reads, and it is not the
@@ -79,6 +80,7 @@ def test_resume_keeps_the_average_exactly_and_the_demo_file_loads(data, tmp_path
     assert all(torch.equal(state[k], avg[k]) for k in avg)
 
 
+@pytest.mark.slow
 def test_resume_without_an_average_starts_one(data, tmp_path, capsys):
     out = tmp_path / "o"
     assert run(data, out, "--max-steps", 2, "--save-every", 2) == 0
@@ -116,6 +118,7 @@ def test_snr_weights_equal_diffusers(prediction):
         torch.testing.assert_close(snr_weight(schedule, t, gamma), want.float(), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_snr_gamma_changes_the_loss_by_the_weights(data, tmp_path):
     """One step's logged loss with --snr-gamma differs from plain, and a huge gamma is the plain v
     loss times SNR / (SNR + 1) < 1 per sample, so it can only be smaller."""
@@ -127,6 +130,7 @@ def test_snr_gamma_changes_the_loss_by_the_weights(data, tmp_path):
     assert 0 < loss(tmp_path / "snr") < loss(tmp_path / "plain")
 
 
+@pytest.mark.slow
 def test_added_lr_scale_gives_the_added_modules_their_own_rate(data, tmp_path, capsys):
     """Two parameter groups: the U-Net's at --lr's schedule, RetriNet's (E, cross-attention, zero convs)
     at X times it; a resume may change X (the run's own X applies) but not between 1 and another value."""

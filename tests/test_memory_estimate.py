@@ -83,6 +83,7 @@ def test_cpu_attention_flops_are_counted_as_cuda_flash(memory):
     assert backward.get_total_flops() >= 2 * forward.get_total_flops()
 
 
+@pytest.mark.slow
 def test_sd15_retrinet_default_fits_24_gib_with_its_weights_counted_exactly(memory):
     recipe = memory.Recipe("retrinet", "none", 384, 2, "fp32", checkpointing=True)
     est = memory.estimate(recipe)

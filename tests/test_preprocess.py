@@ -33,7 +33,7 @@ def test_pil_matches_clip_image_processor(processor, w, h):
     ref = processor(images=img, return_tensors="pt").pixel_values
     assert ours.shape == ref.shape == (1, 3, 224, 224)
     assert ours.dtype == torch.float32
-    # The issue asks for 1e-2; both resize uint8 tensors with torchvision, so the result is exact.
+    # A tolerance of 1e-2 would do; both resize uint8 tensors with torchvision, so the result is exact.
     assert (ours - ref).abs().max().item() <= 1e-5
 
 

@@ -10,7 +10,7 @@ import diffusers
 import pytest
 import torch
 
-from bench.verify import SAMPLERS as SAMPLERS_IN_DIFFUSERS, scheduler_config
+from bench.oracles import SAMPLERS as SAMPLERS_IN_DIFFUSERS, scheduler_config
 from diffusion import SAMPLERS, NoiseSchedule, make_sampler
 from helpers import rel_err
 

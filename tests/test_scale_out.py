@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from test_train import FAST, ROOT, data, losses, max_diff, run, torchrun, weights  # noqa: F401
+from helpers import FAST, ROOT, losses, max_diff, run, torchrun, weights
 
+pytestmark = pytest.mark.slow  # every test starts torchrun
 PROBE = ROOT / "tests" / "ddp_probe.py"  # train.Run's gradients, a restarted group's store
 
 

@@ -1,60 +1,21 @@
 """Text-to-image end to end: our pipeline equals diffusers' StableDiffusionPipeline on the same small
 random model, and sample.py works as a command (files, metadata, determinism, errors)."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
-from safetensors.torch import save_file
 
-import test_unet
-import test_vae
-from bench.verify import bundled_hf_tokenizer, diffusers_pipeline
-from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from clip.tokenizer import write_vocab_files
-from diffusion.sd15 import StableDiffusion, text_to_image
-from helpers import randomize_
-from unet import UNet, UNetConfig
-from vae import AutoencoderKL, VAEConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
-UNET = UNetConfig(model_channels=32, attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
-                  context_dim=32)
-VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)  # downscale 8, as SD's
-
-
-@pytest.fixture(scope="module")
-def small_sd():
-    torch.manual_seed(0)
-    unet = randomize_(UNet(UNET).eval(), seed=31)
-    vae = randomize_(AutoencoderKL(VAE).eval(), seed=32)
-    hf_text = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)).eval(), seed=33)
-    text = CLIPTextModel(CLIPTextConfig.from_hf(TEXT)).eval()
-    text.load_state_dict({"text_model." + k: v for k, v in hf_text.state_dict().items()})
-    # Random weights give wild latents; tame the VAE decoder's output so images are not all clipped.
-    with torch.no_grad():
-        vae.decoder.conv_out.weight.mul_(0.05)
-    return StableDiffusion(unet, vae, text, CLIPTokenizer.default()), hf_text
-
-
-def _diffusers_pipeline(sd, hf_text, sampler, tmp_path):
-    return diffusers_pipeline(sampler, sd.schedule, vae=test_vae.diffusers_twin(sd.vae, VAE), text_encoder=hf_text,
-                              tokenizer=bundled_hf_tokenizer(tmp_path / "tok"),
-                              unet=test_unet.diffusers_twin(sd.unet, UNET))
+from diffusion.sd15 import text_to_image
+from helpers import run_sample, small_sd_pipeline
 
 
 @pytest.mark.parametrize("sampler", ["pndm", "ddim", "euler", "euler_a", "dpmpp_2m"])
 def test_equals_diffusers_pipeline(small_sd, sampler, tmp_path):
     sd, hf_text = small_sd
     assert sd.clip_sample is None  # latents: no x_0 clamp, as diffusers' SD config
-    pipe = _diffusers_pipeline(sd, hf_text, sampler, tmp_path)
+    pipe = small_sd_pipeline(sd, hf_text, sampler, tmp_path)
     kw = dict(height=64, width=48)
     ours = text_to_image(sd, "a red fox in the snow", "blurry", num=2, steps=6, guidance=7.0, sampler=sampler,
                          seed=3, **kw)
@@ -68,37 +29,7 @@ def test_equals_diffusers_pipeline(small_sd, sampler, tmp_path):
 
 # ---- sample.py as a command -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def weights(small_sd, tmp_path_factory):
-    """The small model written as a diffusers folder (configs included) and as a single file."""
-    sd, hf_text = small_sd
-    root = tmp_path_factory.mktemp("weights")
-    folder = root / "sd-small"
-    pipe = _diffusers_pipeline(sd, hf_text, "pndm", root)
-    pipe.unet.save_pretrained(folder / "unet")
-    pipe.vae.save_pretrained(folder / "vae")
-    (folder / "text_encoder").mkdir()
-    hf_text.config.to_json_file(folder / "text_encoder" / "config.json")
-    save_file({"text_model." + k: v.contiguous() for k, v in hf_text.state_dict().items()},
-              folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
-    write_vocab_files(folder / "tokenizer")
-
-    single = {}
-    for prefix, module in [("model.diffusion_model.", sd.unet), ("first_stage_model.", sd.vae),
-                           ("cond_stage_model.transformer.", sd.text_encoder)]:
-        single.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
-    single["model_ema.decay"] = torch.tensor(0.9999)
-    save_file(single, root / "small.safetensors", metadata={"format": "pt"})
-    config = root / "small.json"
-    config.write_text(json.dumps({"unet": {**UNET.__dict__}, "vae": {**VAE.__dict__}, "text_encoder": TEXT}))
-    return folder, root / "small.safetensors", config
-
-
-def run_sample(*args):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-
-
+@pytest.mark.slow
 def test_sample_cli_writes_deterministic_pngs_with_metadata(weights, tmp_path):
     folder, single, config = weights
     common = ["--prompt", "a red fox in the snow", "--steps", 4, "--height", 64, "--width", 48, "--num", 2,
@@ -137,6 +68,7 @@ def test_sample_cli_long_prompt_warns(weights, tmp_path):
     assert "15 tokens dropped" in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_cli_rejects_bad_input_before_building_models(tmp_path):
     # The weights file is junk: had a model been built first, the error would be about the file.
     junk = tmp_path / "junk.safetensors"

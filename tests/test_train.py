@@ -4,71 +4,25 @@ Runs use the tiny preset at 16 px (8-px references) on a small synthetic dataset
 a fraction of a second on two CPU cores; the sd15 preset runs on small random SD weights."""
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import train
-from clip import CLIPTextConfig, CLIPTextModel
 from data.dataset import RetriBooruDataset
 from data.synthetic import generate
 from diffusion.schedule import NoiseSchedule
-from helpers import randomize_
+from helpers import FAST, ROOT, losses, max_diff, randomize_, run, sd15_args, torchrun, weights
 from retrinet import RetriUNet
 from data.stream import BatchStream
 from training.checkpoints import read_state
 from training.objective import Conditioning, diffusion_loss, lr_at
-from unet import UNet, UNetConfig
-from vae import AutoencoderKL, VAEConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--preset", "tiny", "--resolution", "16", "--ref-resolution", "8", "--batch-size", "4", "--warmup", "2",
-        "--log-every", "1", "--val-count", "1", "--val-steps", "2", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data") / "syn"
-    generate(root, identities=8, images_per_identity=3, size=32, seed=0, noise_fraction=0.0)
-    return root  # 24 samples: 6 steps of 4 per epoch
-
-
-def run(data, out, *extra) -> int:
-    return train.main(["--data", str(data), "--out", str(out), *FAST, *map(str, extra)])
-
-
-def losses(out) -> list[float]:
-    return [json.loads(l)["loss"] for l in (Path(out) / "log.jsonl").read_text().splitlines()]
-
-
-def weights(out, step) -> dict:
-    return load_file(Path(out) / "checkpoints" / f"step-{step:06d}" / "retrinet.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def torchrun(*args, timeout=300, script=ROOT / "train.py", launch=()):
-    """`script` (train.py) with `args` under torchrun (two processes on this machine, the options
-    `launch` added); asserts that it exits 0."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launch,
-           str(script), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
 
 def test_lr_schedule_warms_up_then_restarts_without_decay():
     kw = dict(lr=1.0, warmup=4, restart_every=10, min_lr=0.1)
@@ -94,6 +48,7 @@ def test_resume_is_exact_across_an_epoch_boundary(data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(data, tmp_path):
     """2 processes x batch 2 x 2 accumulation steps == 1 process x batch 4 x 2 (global batch 8),
     with and without ZeRO-sharded AdamW state; a ZeRO run also resumes exactly.
@@ -119,6 +74,7 @@ def test_two_process_ddp_equals_one_process(data, tmp_path):
     assert max_diff(weights(tmp_path / "zero2", 4), weights(tmp_path / "zero", 4)) == 0.0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(out), *FAST,
@@ -142,6 +98,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(data, tmp_path):
     assert not model.train_base and model.lock == "none"  # fine-tuned from the stack, SD's decoder trains
 
 
+@pytest.mark.slow
 def test_tiny_preset_overfits_a_few_samples(tmp_path):
     root = tmp_path / "few"
     generate(root, identities=2, images_per_identity=2, size=32, seed=1, noise_fraction=0.0)
@@ -178,35 +135,9 @@ def test_bf16_autocast_on_cpu(data, tmp_path):
 
 # -- the sd15 preset on small random SD weights -----------------------------------------------------
 
-UNET = UNetConfig(model_channels=32, attention_resolutions=(1, 2), num_res_blocks=1, channel_mult=(1, 2), num_heads=2,
-                  context_dim=32)
-VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
-
-
-@pytest.fixture(scope="module")
-def small_weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd-weights")
-    state = {}
-    for prefix, module, seed in [("model.diffusion_model.", UNet(UNET), 1), ("first_stage_model.", AutoencoderKL(VAE), 2),
-                                 ("cond_stage_model.transformer.", CLIPTextModel(CLIPTextConfig.from_hf(TEXT)), 3)]:
-        randomize_(module, seed=seed)
-        state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
-    save_file(state, root / "small.safetensors")
-    (root / "small.json").write_text(json.dumps({"unet": UNET.__dict__, "vae": VAE.__dict__, "text_encoder": TEXT}))
-    return root / "small.safetensors", root / "small.json"
-
-
-def sd15_args(data, out, weights_and_config, *extra):
-    w, c = weights_and_config
-    return ["--preset", "sd15", "--weights", str(w), "--config", str(c), "--data", str(data), "--out", str(out),
-            "--resolution", "32", "--batch-size", "2", "--grad-accum", "1", "--workers", "0", "--log-every", "1",
-            "--val-count", "1", "--val-steps", "2", *map(str, extra)]
-
-
 class _Recorder(torch.nn.Module):
-    """A stand-in denoiser that records its input and answers 0.3 x_t."""
+    """A stand-in denoiser that draws RetriNet's inputs, records its input and answers 0.3 x_t."""
+    training_inputs = RetriUNet.training_inputs
 
     def __init__(self):
         super().__init__()
@@ -318,76 +249,6 @@ def test_fp16_grad_scaler_on_cuda(data, tmp_path):
     assert all(math.isfinite(l) for l in losses(tmp_path / "fp16"))
     state = read_state(tmp_path / "fp16" / "checkpoints" / "step-000003")
     assert state["scaler"]["scale"] > 0
-
-
-def test_demo_end_to_end_on_a_small_budget(tmp_path):
-    """make demo's pipeline with everything shrunk: data, training, held-out sampling, report."""
-    import demo
-    out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--identities", "8", "--images-per-identity", "4", "--heldout", "3",
-                      "--steps", "2", "--samples", "2", "--sample-steps", "2", "--train-args", "--batch-size",
-                      "8", "--val-steps", "2"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 2 and report["samples"] == 6 and report["heldout_identities"] == 3
-    assert set(report["generated"]) == {"identification", "exact", "hair", "top", "bottom"}
-    assert set(report["p_value"]) == set(report["chance"]) == set(report["generated"])
-    assert report["chance"]["identification"] == pytest.approx(1 / 3)
-    assert all(0 < report["chance"][k] < 1 and 0 <= report["p_value"][k] <= 1 for k in report["chance"])
-    assert report["counts"]["identification"][1] == 6 and report["real_images"]["exact"] > 0
-    assert report["significance"].startswith("identification: ") and "binomial p = " in report["significance"]
-    samples = np.load(out / "samples.npz")
-    assert samples["images"].shape == (6, 24, 24, 3) and samples["images"].dtype == np.uint8
-    assert len(set(samples["identities"].tolist())) == 3
-    effect = report["reference_effect_x0_rmse"]
-    assert set(effect) == {"300", "500", "700"} and all(set(r) == {"own", "mismatched", "null"} and
-                                                        all(v > 0 for v in r.values()) for r in effect.values())
-    assert report["backgrounds"] == "scene" and report["figure_scale"] == [0.8, 0.95]
-    assert report["sampling"]["prompt"] == "scene" and set(report["base_alone"]) == set(report["generated"])
-    assert (out / "base-samples.png").is_file()
-    assert report["ref_background"] == "white" and report["hats"] is False
-    from training.checkpoints import read_state
-    saved = json.loads(read_state(out / "run" / "checkpoints" / "step-000002")["args"])
-    assert saved["ref_background"] == "white"
-    recipe = dict(zip(demo.TRAIN_RECIPE[::2], demo.TRAIN_RECIPE[1::2]))
-    assert {k: saved[k[2:].replace("-", "_")] for k in recipe} == {k: float(v) for k, v in recipe.items()}
-    assert report["model_file"].endswith("step-000002/ema.safetensors") and report["ema"] == 0.995
-    for root in ("data-train", "data-heldout"):
-        assert not any("hat" in json.loads(line)["tags"] for line in (out / root / "annotations.jsonl").open())
-    assert (out / "heldout-samples.png").is_file() and (out / "report.md").is_file()
-    assert (out / "run" / "checkpoints" / "step-000002" / "retrinet.safetensors").is_file()
-    # --sample-only samples the same checkpoint again with other settings, without training.
-    assert demo.main(["--out", str(out), "--identities", "8", "--images-per-identity", "4", "--heldout", "3",
-                      "--samples", "1", "--sample-steps", "3", "--sampler", "dpmpp_2m", "--sample-only",
-                      "--raw-weights"]) == 0
-    again = json.loads((out / "report.json").read_text())
-    assert again["model_file"].endswith("step-000002/retrinet.safetensors")
-    assert again["steps"] == 2 and again["samples"] == 3 and again["training_minutes"] == report["training_minutes"]
-    assert again["sampling"]["sampler"] == "dpmpp_2m" and len(json.loads(json.dumps(again["counts"]))) == 5
-    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["step-000002"]
-    # bench/demo_curve.py scores every checkpoint of the run the same way.
-    from helpers import bench_module
-    curve = bench_module("demo_curve")
-    assert curve.main(["--out", str(out), "--demo-args", "--samples", "1", "--sample-steps", "2",
-                       "--ref-guidance", "2"]) == 0
-    rows = json.loads((out / "curve.json").read_text())
-    assert [(r["step"], r["ref_guidance"], r["model_file"]) for r in rows] == [(2, 2.0, "ema.safetensors")]
-    assert rows[0]["minutes"] > 0 and 0 <= rows[0]["identification"] <= 1
-
-
-def test_demo_sample_only_needs_a_trained_run(tmp_path, capsys):
-    import demo
-    out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--identities", "4", "--images-per-identity", "3", "--heldout", "2",
-                      "--sample-only"]) == 2
-    err = capsys.readouterr().err
-    assert f"demo: --sample-only: no checkpoint in {out / 'run' / 'checkpoints'}" in err and "Traceback" not in err
-
-
-def test_demo_step_budget_follows_the_minutes():
-    import demo
-    assert demo.parse_args([]).steps == 10 * demo.STEPS_PER_MINUTE
-    assert demo.parse_args(["--minutes", "30"]).steps == 30 * demo.STEPS_PER_MINUTE
-    assert demo.parse_args(["--minutes", "30", "--steps", "7"]).steps == 7
 
 
 def test_tiny_runs_start_from_the_shipped_stack(data, tmp_path):

@@ -7,36 +7,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-from diffusers.models.attention_processor import AttnProcessor
 
-from bench.verify import original_config
-from helpers import randomize_, rel_err
+from bench.oracles import diffusers_unet, unet_yaml
+from helpers import SMALL_UNET, randomize_, rel_err
 from unet import UNet, UNetConfig, diffusers_to_ldm
-from vae import VAEConfig
 
 SD_KEYS = json.loads((Path(__file__).parent / "data" / "ldm_sd15_keys.json").read_text())
 PREFIX = "model.diffusion_model."
-
-# Small and odd: 3 channel widths, attention at two levels, 4 heads of width 8/16/24, context 48.
-SMALL = UNetConfig(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=(2, 4),
-                   num_res_blocks=2, channel_mult=(1, 2, 3, 4), num_heads=4, transformer_depth=1, context_dim=48)
-
-
-def ldm_yaml(cfg: UNetConfig) -> dict:
-    """The `original_config` dict diffusers' converters read from an LDM yaml (SD v1.5's VAE beside)."""
-    return original_config(cfg, VAEConfig.sd15())
-
-
-def diffusers_twin(ours: UNet, cfg: UNetConfig) -> UNet2DConditionModel:
-    """A diffusers UNet holding our weights, routed through diffusers' own LDM converter."""
-    ckpt = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    dcfg = create_unet_diffusers_config_from_ldm(ldm_yaml(cfg), ckpt)
-    dcfg["norm_num_groups"] = cfg.norm_groups  # not an LDM yaml field: LDM always uses 32
-    converted = convert_ldm_unet_checkpoint(ckpt, dcfg)
-    ref = UNet2DConditionModel(**dcfg).eval()
-    ref.load_state_dict(converted, strict=True)
-    ref.set_attn_processor(AttnProcessor())  # the plain matmul-softmax path, independent of SDPA
-    return ref
 
 
 def test_sd15_keys_and_shapes_equal_the_official_file():
@@ -53,7 +30,7 @@ def test_sd15_key_set_converts_cleanly():
     with torch.device("meta"):
         model = UNet(UNetConfig.sd15())
         ckpt = {PREFIX + k: v for k, v in model.state_dict().items()}
-        dcfg = create_unet_diffusers_config_from_ldm(ldm_yaml(UNetConfig.sd15()), ckpt)
+        dcfg = create_unet_diffusers_config_from_ldm(unet_yaml(UNetConfig.sd15()), ckpt)
         converted = convert_ldm_unet_checkpoint(ckpt, dcfg)
         ref = UNet2DConditionModel(**dcfg)
     assert len(converted) == len(ckpt) == 686
@@ -62,7 +39,7 @@ def test_sd15_key_set_converts_cleanly():
 
 
 @pytest.mark.parametrize("cfg,size", [
-    (SMALL, (24, 40)),
+    (SMALL_UNET, (24, 40)),
     # SD 2 style: linear projections, fixed head width, depth 2, one res block, attention on levels 0 and 2
     (UNetConfig(model_channels=32, attention_resolutions=(1, 4), num_res_blocks=1, channel_mult=(1, 2, 2),
                 num_head_channels=8, transformer_depth=2, context_dim=40, use_linear_in_transformer=True), (16, 24)),
@@ -77,7 +54,7 @@ def test_sd15_key_set_converts_cleanly():
 def test_parity_with_diffusers(cfg, size):
     torch.manual_seed(0)
     ours = randomize_(UNet(cfg).eval(), seed=1)
-    ref = diffusers_twin(ours, cfg)
+    ref = diffusers_unet(ours, cfg)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, cfg.in_channels, *size, generator=g)
     t = torch.tensor([1, 500, 999])
@@ -89,9 +66,10 @@ def test_parity_with_diffusers(cfg, size):
     assert rel_err(got, want) <= 1e-4
 
 
+@pytest.mark.slow
 def test_any_misplaced_weight_is_detected():
     """Swapping any two same-shaped tensors (checked pairwise within each shape group) breaks parity."""
-    ours = randomize_(UNet(SMALL).eval(), seed=3)
+    ours = randomize_(UNet(SMALL_UNET).eval(), seed=3)
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 5, 48)
     state = ours.state_dict()
     with torch.no_grad():
@@ -112,7 +90,7 @@ def _small_inputs(seed=4):
 
 
 def test_bf16_autocast_close_to_fp32():
-    ours = randomize_(UNet(SMALL).eval(), seed=5)
+    ours = randomize_(UNet(SMALL_UNET).eval(), seed=5)
     x, t, ctx = _small_inputs()
     with torch.no_grad():
         full = ours(x, t, ctx)
@@ -122,7 +100,7 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_chunked_and_upcast_attention_agree():
-    ours = randomize_(UNet(SMALL).eval(), seed=6)
+    ours = randomize_(UNet(SMALL_UNET).eval(), seed=6)
     x, t, ctx = _small_inputs()
     with torch.no_grad():
         plain = ours(x, t, ctx)
@@ -135,7 +113,7 @@ def test_chunked_and_upcast_attention_agree():
 
 
 def test_context_mask_equals_removing_the_keys():
-    ours = randomize_(UNet(SMALL).eval(), seed=7)
+    ours = randomize_(UNet(SMALL_UNET).eval(), seed=7)
     x, t, ctx = _small_inputs()
     lengths = [9, 4, 1]
     mask = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
@@ -147,7 +125,7 @@ def test_context_mask_equals_removing_the_keys():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    ours = randomize_(UNet(SMALL), seed=8)
+    ours = randomize_(UNet(SMALL_UNET), seed=8)
     x, t, ctx = _small_inputs()
     grads = []
     for flag in (False, True):
@@ -160,7 +138,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_channels_last():
-    ours = randomize_(UNet(SMALL).eval(), seed=9)
+    ours = randomize_(UNet(SMALL_UNET).eval(), seed=9)
     x, t, ctx = _small_inputs()
     with torch.no_grad():
         ref = ours(x, t, ctx)
@@ -170,7 +148,7 @@ def test_channels_last():
 
 
 def test_encoder_decoder_halves_and_residuals():
-    ours = randomize_(UNet(SMALL).eval(), seed=10)
+    ours = randomize_(UNet(SMALL_UNET).eval(), seed=10)
     x, t, ctx = _small_inputs()
     with torch.no_grad():
         emb = ours.embed_time(t, 3, x.dtype)
@@ -187,7 +165,7 @@ def test_encoder_decoder_halves_and_residuals():
 
 
 def test_bad_inputs_are_named():
-    ours = UNet(SMALL)
+    ours = UNet(SMALL_UNET)
     x, t, ctx = _small_inputs()
     with pytest.raises(ValueError, match=r"x must be \(B, 4, H, W\)"):
         ours(x[:, :3], t, ctx)

@@ -4,17 +4,18 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from safetensors.torch import save_file
 
+from bench.oracles import diffusers_unet, unet_yaml
 from common.weights import CheckpointError
-from helpers import randomize_, rel_err
-from test_unet import PREFIX, SMALL, diffusers_twin, ldm_yaml
+from helpers import SMALL_UNET, randomize_, rel_err
 from unet import UNet, UNetConfig, config_from_diffusers, diffusers_to_ldm, load_unet
+from unet.loading import SD_UNET_PREFIX
 
 FORMAT = {"format": "pt"}
 
 
 @pytest.fixture(scope="module")
 def small():
-    return randomize_(UNet(SMALL).eval(), seed=21)
+    return randomize_(UNet(SMALL_UNET).eval(), seed=21)
 
 
 def _inputs():
@@ -35,16 +36,16 @@ def _save(path, state):
 
 def test_mapping_inverts_diffusers_converter(small):
     """diffusers_to_ldm undoes diffusers' convert_ldm_unet_checkpoint exactly, tensor for tensor."""
-    ckpt = {PREFIX + k: v for k, v in small.state_dict().items()}
-    converted = convert_ldm_unet_checkpoint(ckpt, create_unet_diffusers_config_from_ldm(ldm_yaml(SMALL), ckpt))
-    back = diffusers_to_ldm(converted, SMALL)
+    ckpt = {SD_UNET_PREFIX + k: v for k, v in small.state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(ckpt, create_unet_diffusers_config_from_ldm(unet_yaml(SMALL_UNET), ckpt))
+    back = diffusers_to_ldm(converted, SMALL_UNET)
     own = small.state_dict()
     assert back.keys() == own.keys()
     assert all(torch.equal(back[k], own[k]) for k in own)
 
 
 def test_sd_single_file(tmp_path, small):
-    state = {PREFIX + k: v for k, v in small.state_dict().items()}
+    state = {SD_UNET_PREFIX + k: v for k, v in small.state_dict().items()}
     # What else the official file holds: VAE, text encoder, schedule buffers, EMA scalars, and (in the
     # non-emaonly file) flattened EMA copies of the U-Net weights, which must all be ignored.
     state.update({"first_stage_model.encoder.conv_in.weight": torch.zeros(3),
@@ -53,14 +54,14 @@ def test_sd_single_file(tmp_path, small):
                   "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
                   "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(32, 4, 3, 3)})
     file = _save(tmp_path / "v1-5-pruned.safetensors", state)
-    _same(load_unet(file, SMALL), small)
+    _same(load_unet(file, SMALL_UNET), small)
 
 
 def test_diffusers_folder_with_its_config(tmp_path, small):
     """`save_pretrained` writes the real diffusers layout: unet/config.json + the safetensors file.
     The config is read from config.json."""
-    diffusers_twin(small, SMALL).save_pretrained(tmp_path / "unet")
-    assert config_from_diffusers_roundtrip(tmp_path / "unet" / "config.json") == SMALL
+    diffusers_unet(small, SMALL_UNET).save_pretrained(tmp_path / "unet")
+    assert config_from_diffusers_roundtrip(tmp_path / "unet" / "config.json") == SMALL_UNET
     _same(load_unet(tmp_path), small)  # the pipeline folder
     _same(load_unet(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"), small)
 
@@ -81,8 +82,8 @@ def test_sd15_config_from_diffusers_config():
 
 
 def test_half_precision(tmp_path, small):
-    file = _save(tmp_path / "unet.safetensors", {PREFIX + k: v for k, v in small.state_dict().items()})
-    model = load_unet(file, SMALL, dtype=torch.bfloat16)
+    file = _save(tmp_path / "unet.safetensors", {SD_UNET_PREFIX + k: v for k, v in small.state_dict().items()})
+    model = load_unet(file, SMALL_UNET, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     x, t, ctx = _inputs()
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_half_precision(tmp_path, small):
 
 
 def test_malformed_files(tmp_path, small):
-    state = {PREFIX + k: v for k, v in small.state_dict().items()}
+    state = {SD_UNET_PREFIX + k: v for k, v in small.state_dict().items()}
     with pytest.raises(CheckpointError, match="no such file"):
         load_unet(tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match="folder holds none of unet/diffusion_pytorch_model.safetensors"):
@@ -99,7 +100,7 @@ def test_malformed_files(tmp_path, small):
                     {k: v for k, v in state.items() if not k.endswith("middle_block.1.proj_out.bias")})
     with pytest.raises(CheckpointError, match=r"partial.safetensors: detected layout 'sd-single-file'.*"
                                               r"1 missing keys: middle_block.1.proj_out.bias"):
-        load_unet(partial, SMALL)
+        load_unet(partial, SMALL_UNET)
     full = _save(tmp_path / "small.safetensors", state)
     with pytest.raises(CheckpointError, match=r"shape mismatches \(is the model config the file's\?\): "
                                               r"time_embed.0.weight \(file \(128, 32\), model \(1280, 320\)\)"):
@@ -107,7 +108,7 @@ def test_malformed_files(tmp_path, small):
     data = full.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-1000])
     with pytest.raises(CheckpointError, match="cut.safetensors: truncated"):
-        load_unet(tmp_path / "cut.safetensors", SMALL)
+        load_unet(tmp_path / "cut.safetensors", SMALL_UNET)
     text = _save(tmp_path / "model.safetensors", {"text_model.embeddings.token_embedding.weight": torch.zeros(4, 2)})
     with pytest.raises(CheckpointError, match=r"detected layout 'hf-clip-text' holds no U-Net"):
         load_unet(text)

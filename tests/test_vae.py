@@ -6,34 +6,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as HFAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-from diffusers.models.attention_processor import AttnProcessor
 from safetensors.torch import save_file
 
-from bench.verify import original_config
+from bench.oracles import diffusers_vae, vae_yaml
 from common.weights import CheckpointError
 from helpers import randomize_, rel_err
-from unet import UNetConfig
 from vae import AutoencoderKL, VAEConfig, config_from_diffusers, diffusers_to_ldm, load_vae
 
 SD_KEYS = json.loads((Path(__file__).parent / "data" / "ldm_sd15_keys.json").read_text())
 PREFIX = "first_stage_model."
 # Small and odd: 3 levels, 64 channels at the top, one res block; attention only in the mid blocks.
 SMALL = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
-
-
-def ldm_yaml(cfg: VAEConfig) -> dict:
-    """The `original_config` dict diffusers' converters read from an LDM yaml (SD v1.5's U-Net beside)."""
-    return original_config(UNetConfig.sd15(), cfg)
-
-
-def diffusers_twin(ours: AutoencoderKL, cfg: VAEConfig) -> HFAutoencoderKL:
-    """diffusers' AutoencoderKL holding our weights, routed through diffusers' own LDM converter."""
-    ckpt = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    dcfg = create_vae_diffusers_config_from_ldm(ldm_yaml(cfg), ckpt)
-    ref = HFAutoencoderKL(**dcfg).eval()
-    ref.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dcfg), strict=True)
-    ref.set_attn_processor(AttnProcessor())
-    return ref
 
 
 def test_sd15_keys_and_shapes_equal_the_official_file():
@@ -48,7 +31,7 @@ def test_sd15_key_set_converts_cleanly():
     with torch.device("meta"):
         model = AutoencoderKL(VAEConfig.sd15())
         ckpt = {PREFIX + k: v for k, v in model.state_dict().items()}
-        dcfg = create_vae_diffusers_config_from_ldm(ldm_yaml(VAEConfig.sd15()), ckpt)
+        dcfg = create_vae_diffusers_config_from_ldm(vae_yaml(VAEConfig.sd15()), ckpt)
         converted = convert_ldm_vae_checkpoint(ckpt, dcfg)
         ref = HFAutoencoderKL(**dcfg)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ref.state_dict().items()}
@@ -59,7 +42,7 @@ def test_sd15_key_set_converts_cleanly():
 @pytest.mark.parametrize("size", [(40, 56), (24, 72)])
 def test_parity_with_diffusers(size):
     ours = randomize_(AutoencoderKL(SMALL).eval(), seed=1)
-    ref = diffusers_twin(ours, SMALL)
+    ref = diffusers_vae(ours, SMALL)
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 3, *size, generator=g) * 2 - 1
     with torch.no_grad():
@@ -168,7 +151,7 @@ def test_loaders_in_both_layouts(tmp_path):
                    "model_ema.decay": torch.tensor(0.9999)})
     _same(load_vae(_save(tmp_path / "sd.safetensors", single), SMALL), ours)
 
-    diffusers_twin(ours, SMALL).save_pretrained(tmp_path / "pipe" / "vae")
+    diffusers_vae(ours, SMALL).save_pretrained(tmp_path / "pipe" / "vae")
     cfg = config_from_diffusers(json.loads((tmp_path / "pipe" / "vae" / "config.json").read_text()))
     assert cfg == SMALL
     _same(load_vae(tmp_path / "pipe"), ours)
@@ -196,7 +179,7 @@ def test_loader_errors(tmp_path):
 def test_gradients_match_diffusers():
     """Backward through encode and decode (the in-place SiLU / adds included) equals diffusers'."""
     ours = randomize_(AutoencoderKL(SMALL), seed=11)
-    ref = diffusers_twin(ours, SMALL)
+    ref = diffusers_vae(ours, SMALL)
     x = torch.rand(2, 3, 24, 32, generator=torch.Generator().manual_seed(12)) * 2 - 1
     x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours.decode(ours.encode(x_ours).mean).square().mean().backward()

@@ -12,12 +12,11 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from bench import verify
+from bench import oracles, verify
 from clip.tokenizer import write_vocab_files
 from helpers import randomize_
 from retrinet import ControlNetUNet, IPAdapterUNet
 from retrinet.ip_adapter import official_key_map
-from test_sd15 import small_sd, weights  # noqa: F401  (the small SD as a single file and a diffusers folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBED = 24  # the image encoder's projection
@@ -31,7 +30,7 @@ SMALL = ["--size", "64", "--steps", "3"]
 
 
 @pytest.fixture(scope="module")
-def files(small_sd, weights, tmp_path_factory):  # noqa: F811
+def files(small_sd, weights, tmp_path_factory):
     """Every file bench.verify reads, in its official layout, with random weights."""
     sd, _ = small_sd
     folder, single, config = weights
@@ -99,6 +98,7 @@ def _perturbed(args, ours, theirs, tensor: torch.Tensor) -> set[str]:
             tensor.copy_(kept)
 
 
+@pytest.mark.slow
 def test_one_perturbed_tensor_fails_the_rows_of_its_part(files, tmp_path):
     args = verify.parse_args(everything(files))
     assert verify.problems(args) == []
@@ -188,5 +188,5 @@ def test_the_scheduler_config_follows_the_schedule():
     """The oracle's scheduler predicts what our schedule says (a v model's pipeline is a v pipeline)."""
     from diffusion.schedule import PREDICTIONS, NoiseSchedule
     for prediction in PREDICTIONS:
-        cfg = verify.scheduler_config(NoiseSchedule(beta_end=0.02, prediction=prediction))
+        cfg = oracles.scheduler_config(NoiseSchedule(beta_end=0.02, prediction=prediction))
         assert (cfg["prediction_type"], cfg["beta_end"], cfg["num_train_timesteps"]) == (prediction, 0.02, 1000)
