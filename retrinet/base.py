@@ -84,7 +84,7 @@ class ReferenceUNet(nn.Module):
         if args.task != "recon":
             problems.append(f"{method} takes one whole-figure reference: only --task recon applies, got {args.task}")
         if args.refs != cls.references:
-            problems.append(f"{method} takes one reference: --refs 1, got {args.refs}")
+            problems.append(f"{method} takes one reference: --refs {cls.references}, got {args.refs}")
         if args.ref_drop > 0:
             problems.append(f"--ref-drop replaces RetriNet's references by its learned null reference; {method} has none")
         if "heads" in args.explicit:

@@ -70,7 +70,7 @@ class ControlNetUNet(ReferenceUNet):
     references, reference_at_target_size = 1, True
     # As diffusers' train_controlnet.py: one reference (the hint), SD frozen; prompts emptied at
     # train.py's rate; no face loss (Sec. 3.1 trains the baselines "without extra training tricks").
-    training_defaults = dict(refs=1, lock="decoder", prompt_drop=0.5, face_weight=0.0)
+    training_defaults = dict(refs=references, lock="decoder", prompt_drop=0.5, face_weight=0.0)
 
     def __init__(self, unet: UNet, lock: str = "decoder", hint_channels: int = 3, hint_downscale: int = 8,
                  train_base: bool = False):

@@ -235,7 +235,7 @@ class IPAdapterUNet(ReferenceUNet):
     # As the official tutorial_train.py: one reference, SD and the image encoder frozen, and its own
     # dropout of image, text or both (`training_inputs`), so no prompt dropout by the loader; no face
     # loss (Sec. 3.1 trains the baselines "without extra training tricks").
-    training_defaults = dict(refs=1, lock="decoder", prompt_drop=0.0, face_weight=0.0)
+    training_defaults = dict(refs=references, lock="decoder", prompt_drop=0.0, face_weight=0.0)
     drops = (0.05, 0.05, 0.05)  # probabilities of dropping the image alone, the text alone, both
 
     def __init__(self, unet: UNet, image_embed_dim: int = 768, num_tokens: int = 4, lock: str = "decoder",
