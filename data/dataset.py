@@ -4,17 +4,19 @@ Per target it yields the image fitted into a `resolution` square and padded, its
 face masks, its prompt (dropped to "" with probability `prompt_drop`), and K references with their
 concept texts:
 
-* setting "b" (default, leakage-free): the target is the image as it is; references are other
-  images of the same identity (`similar`), never the target; missing ones are masked out, or
-  repeated with `ref_repeat`;
+* the target, the same in both settings (they differ only in the references, Sec. 3.1): a view of
+  the image, a horizontal flip, crop keeping 70-100% of each side (placed so that the face box
+  stays whole) and brightness x0.8-1.2 (data.transforms: `draw_augment` draws them from the
+  target's own generator, `keep_prompt_true` undoes what would make the record's prompt false,
+  `augment` applies them to the image, its segmentation mask and its face box in one call, before
+  `fit_and_pad`). Its valid-area mask is its view's; its face mask (Eq. 3) is the view's face box
+  intersected with the view's figure (the segmentation mask), background left out;
+* setting "b" (default, leakage-free): references are other images of the same identity
+  (`similar`), never the target; missing ones are masked out, or repeated with `ref_repeat`;
 * setting "a" (the leaky baseline, Sec. 3.1: "two different transforms [of] the same image as
-  target and reference"): the target and each of the K references are independent views of the
-  image, each its own horizontal flip, crop keeping 70-100% of each side (placed so that the face
-  box stays whole) and brightness x0.8-1.2 (data.transforms: `draw_augment` draws them from the
-  sample's generator, `augment` applies them to the image, its segmentation mask and its face box
-  in one call, before `fit_and_pad`). The target's valid-area and face masks are those of its view;
-  a reference's compose crop uses its view's face box; with ref_background "white" a reference is
-  whitened through its view's mask;
+  target and reference"): each of the K references is a view of the target's image, its own draws
+  from the sample's generator; a reference's compose crop uses its view's face box; with
+  ref_background "white" a reference is whitened through its view's mask;
 * task "recon": whole references, concept "figure". "compose" (Sec. 5, Supp. A.4): each reference
   independently, with equal odds, the face-box crop ("face") or the full-width region below the face
   box ("clothes"); a clothes draw is the whole image, captioned "figure", when the face box is
@@ -24,10 +26,12 @@ concept texts:
 
 The records come from data.annotations: a missing file, a line that is not a JSON object or a
 record without every required field raises AnnotationError (a ValueError) naming the file and line
-at construction. Randomness comes from numpy generators seeded by (seed, epoch, index), so a sample
-does not depend on worker count or order. A sample that cannot be made (an unreadable image or
-mask, a face box outside the image, no usable `similar` id) is skipped (None, dropped by `collate`,
-counted in the batch's "skipped"), its id logged once per process; `strict=True` raises instead.
+at construction. Randomness comes from numpy generators seeded by (seed, epoch, index): the
+sample's (task "multi" without a sampler, prompt drop, references) and, with a trailing 1, the
+target's view, so a sample does not depend on worker count or order. A sample that cannot be
+made (an unreadable image or mask, a mask of another size than its image, a face box outside the
+image, no usable `similar` id) is skipped (None, dropped by `collate`, counted in the batch's
+"skipped"), its id logged once per process; `strict=True` raises instead.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from torch.utils.data import Dataset, Sampler
 from common.images import open_image
 
 from .annotations import load_records
-from .transforms import augment_pil, box_mask, draw_augment, fit_and_pad
+from .transforms import augment_pil, box_mask, draw_augment, fit_and_pad, fit_mask, keep_prompt_true
 
 log = logging.getLogger(__name__)
 SETTINGS, TASKS = ("a", "b"), ("recon", "compose", "multi")
@@ -84,10 +88,11 @@ class RetriBooruDataset(Dataset):
         index, task = item if isinstance(item, tuple) else (item, self.task)
         rec = self.records[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        target_rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # the target's view alone
         if task == "multi":  # without a TaskBatchSampler: decide per sample
             task = "recon" if rng.random() < 0.5 else "compose"
         try:
-            return {"index": index, **self._sample(rec, rng, task)}
+            return {"index": index, **self._sample(rec, rng, task, target_rng)}
         except (OSError, ValueError, KeyError, IndexError) as e:
             if self.strict:
                 raise ValueError(f"sample {rec.get('id')}: {e}") from e
@@ -110,20 +115,25 @@ class RetriBooruDataset(Dataset):
             image = figure_on_white(image, self.root / rec["mask"])
         return image
 
-    def _sample(self, rec, rng, task) -> dict:
+    def _sample(self, rec, rng, task, target_rng) -> dict:
+        """One sample. The target is the same in both settings: a view of the image drawn from
+        `target_rng` alone and kept true to the record's prompt (`keep_prompt_true`); `rng` draws the
+        prompt drop, then setting a's reference views or setting b's references."""
         image = self._open(rec)
         _check_box(rec, image)
-        if self.setting == "a":  # the target is a view too: its own flip, crop and brightness
-            target, target_box = _view(rng, image, rec["face_bbox"])
-        else:
-            target, target_box = image, rec["face_bbox"]
+        figure = _load_mask(self.root / rec["mask"], image)
+        params = keep_prompt_true(draw_augment(target_rng, image.width, image.height, rec["face_bbox"]),
+                                  rec["prompt"], image.width, image.height)
+        target, target_box, target_figure = augment_pil(params, image, rec["face_bbox"], figure)
         pixels, valid = fit_and_pad(target, self.resolution)
+        # Eq. 3's face: the face box's figure pixels, its background left out
         face = box_mask(target_box, target.width, target.height, self.resolution)
+        face *= fit_mask(target_figure, self.resolution)
         prompt = "" if rng.random() < self.prompt_drop else rec["prompt"]
 
         if self.setting == "a":
-            figure = _load_mask(self.root / rec["mask"], image) if self.ref_background == "white" else None
-            sources = [(rec, *_view(rng, image, rec["face_bbox"], figure)) for _ in range(self.k)]
+            ref_figure = figure if self.ref_background == "white" else None
+            sources = [(rec, *_view(rng, image, rec["face_bbox"], ref_figure)) for _ in range(self.k)]
         else:
             pool = [s for s in rec["similar"] if s != rec["id"] and s in self.by_id]
             if not pool:
@@ -173,10 +183,10 @@ def _check_box(rec, image) -> None:
 
 
 def _view(rng, image: Image.Image, box, figure: Image.Image | None = None) -> tuple[Image.Image, list[int]]:
-    """One view of setting a: `image` under its own flip, crop and brightness drawn from `rng`, with
-    its face box `box` moved along (data.transforms). With the segmentation mask `figure`, the view's
-    figure is put on white through the view's mask, after the transform, so that the background is
-    white as in setting b whatever the brightness."""
+    """One reference view of setting a: `image` under its own flip, crop and brightness drawn from
+    `rng`, with its face box `box` moved along (data.transforms). With the segmentation mask
+    `figure`, the view's figure is put on white through the view's mask, after the transform, so
+    that the background is white as in setting b whatever the brightness."""
     view, view_box, view_figure = augment_pil(draw_augment(rng, image.width, image.height, box), image, box, figure)
     return (view if view_figure is None else _on_white(view, view_figure)), view_box
 

@@ -1,19 +1,21 @@
-"""Geometry of the training loader: setting a's augmentation and the face box after
-`common.images.fit_and_pad`.
+"""Geometry of the training loader: the views of setting a and of every target, and the face box and
+segmentation mask after `common.images.fit_and_pad`.
 
 Images and references are fitted into a square and padded by `fit_and_pad` (re-exported here), the
 function sampling uses too, so the model sees references as in training.
 
-Setting a (paper Sec. 3.1: "two different transforms [of] the same image as target and reference")
-makes each of its views with `draw_augment` + `augment`: a horizontal flip, a crop keeping 70-100% of
-each side and a brightness factor 0.8-1.2. The parameters are drawn from the sample's numpy
-generator (never torchvision's global RNG, so a sample depends only on (seed, epoch, index)) and
-applied by torchvision.transforms.v2.functional to the image, its segmentation mask and its face box
-together, at the image's own size, before `fit_and_pad`: the valid-area mask `fit_and_pad` returns
-then marks the view's real pixels, and the face box stays on the view's face.
+A view (`draw_augment` + `augment`) is a horizontal flip, a crop keeping 70-100% of each side and a
+brightness factor 0.8-1.2. Setting a's references are views of the target's image (paper Sec. 3.1:
+"two different transforms [of] the same image as target and reference"); the target is a view in
+both settings, made harmless to its prompt by `keep_prompt_true`. The parameters are drawn from a
+seeded numpy generator (never torchvision's global RNG, so a sample depends only on (seed, epoch,
+index)) and applied by torchvision.transforms.v2.functional to the image, its segmentation mask and
+its face box together, at the image's own size, before `fit_and_pad`: the valid-area mask
+`fit_and_pad` returns then marks the view's real pixels, and the face box stays on the view's face.
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -24,14 +26,16 @@ from torchvision.transforms.v2 import functional as TF
 
 from common.images import fit_and_pad, fit_box  # noqa: F401  (the loader's image geometry)
 
-# Setting a's augmentation (the values the loader has always used for its references).
+from .build import COLOUR_WORDS
+
+# A view's augmentation (the values the loader has always used for setting a's references).
 FLIP_P = 0.5                # probability of a horizontal flip
 CROP_KEEP = (0.7, 1.0)      # the crop keeps this fraction of each side, drawn uniformly per side
 BRIGHTNESS = (0.8, 1.2)     # brightness factor, drawn uniformly
 
 
 class AugmentParams(NamedTuple):
-    """One view of setting a: flip first, then the crop (in the flipped image), then brightness."""
+    """One view: flip first, then the crop (in the flipped image), then brightness."""
     flip: bool
     top: int
     left: int
@@ -69,6 +73,29 @@ def _keeping(a: int, b: int, window: int, side: int) -> tuple[int, int]:
     return a, b - window
 
 
+SIDE_WORDS = frozenset({"left", "right"})  # a tag naming a side forbids the flip
+WHOLE_TAGS = frozenset({"full body"})     # a tag that a crop would make false
+
+
+def keep_prompt_true(params: AugmentParams, prompt: str, width: int, height: int) -> AugmentParams:
+    """`params` of a width x height image, with what would make `prompt` false undone.
+
+    On the prompt's comma-separated tags (case and underscores aside): a tag with the word "left" or
+    "right" ("facing left") forbids the flip; a tag with a colour word (data.build.COLOUR_WORDS:
+    Danbooru's colour words and every synthetic palette name: "blue background", "red hair") forbids
+    the brightness change (factor 1.0); the tag "full body" forbids the crop (the whole image). The
+    parameters were all drawn before, so the generator's sequence does not depend on the prompt."""
+    tags = [re.findall(r"[a-z]+", t.lower()) for t in prompt.replace("_", " ").split(",")]
+    flip, top, left, h, w, brightness = params
+    if any(SIDE_WORDS.intersection(words) for words in tags):
+        flip = False
+    if any(COLOUR_WORDS.intersection(words) for words in tags):
+        brightness = 1.0
+    if any(" ".join(words) in WHOLE_TAGS for words in tags):
+        top, left, h, w = 0, 0, height, width
+    return AugmentParams(flip, top, left, h, w, brightness)
+
+
 def augment(params: AugmentParams, *inputs):
     """Apply one view's flip, crop and brightness to tv_tensors of one image together: an Image (the
     brightness applies to it alone), Masks and XYXY BoundingBoxes (clamped to the crop). Returns
@@ -104,3 +131,15 @@ def box_mask(box, width: int, height: int, size: int) -> torch.Tensor:
     mask = torch.zeros(1, size, size)
     mask[:, top + y0:top + max(y1, y0 + 1), left + x0:left + max(x1, x0 + 1)] = 1
     return mask
+
+
+def fit_mask(mask: Image.Image, size: int) -> torch.Tensor:
+    """An "L" segmentation mask (> 0 = figure) as a (1, size, size) mask in {0, 1}, placed as
+    `fit_and_pad` places its image: resized with the image's filter, then thresholded at one half."""
+    _, nw, nh, left, top = fit_box(mask.width, mask.height, size)
+    m = torch.from_numpy(np.array(mask) > 0).float()[None, None]
+    if (nh, nw) != (mask.height, mask.width):
+        m = torch.nn.functional.interpolate(m, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.zeros(1, size, size)
+    out[:, top:top + nh, left:left + nw] = (m[0] >= 0.5).float()
+    return out
