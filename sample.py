@@ -12,7 +12,9 @@ With `--retrinet` (a checkpoint written by train.py for any --method, or an offi
 IP-Adapter file) the references condition the generation; `--guidance` then drops the text and
 keeps the references. `--ref-guidance` adds a separate reference scale for RetriNets trained with
 reference dropout; `--ip-scale` weighs an IP-Adapter's image attention, whose `--image-encoder`
-(CLIP vision weights) it needs. The method is read from the file.
+(CLIP vision weights) it needs. An IP-Adapter guides as its official pipeline (the negative branch
+without the reference image); `--ip-adapter-negative` takes that pipeline's default negative prompt.
+The method is read from the file.
 
 Every argument is checked before any model is built (status 2, one line per problem): files,
 sizes, the sampler's step limit on the schedule, finite guidance scales, --device, a writable
@@ -33,11 +35,12 @@ from common.options import COMPILE_DEFAULT, COMPILE_HELP, CONCEPTS, PRECISIONS, 
 def parse_args(argv=None) -> argparse.Namespace:
     from diffusion.samplers import SAMPLERS
     from retrinet import METHODS
+    from retrinet.ip_adapter import IP_ADAPTER_NEGATIVE
     ap = argparse.ArgumentParser(prog="sample.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True, help="SD v1.5 single .safetensors file or diffusers folder")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--negative-prompt", default="")
+    ap.add_argument("--negative-prompt", default=None, help="default: none (\"\")")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (<= 1: off)")
     ap.add_argument("--sampler", default="pndm", help=f"one of {', '.join(SAMPLERS)}")
@@ -71,7 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     refs.add_argument("--image-encoder", default=None,
                       help="IP-Adapter: CLIP vision weights (the official image_encoder/ folder, or a tiny run's "
                            "image-encoder/)")
-    return ap.parse_args(argv)
+    refs.add_argument("--ip-adapter-negative", action="store_true",
+                      help=f"IP-Adapter: the negative prompt of its official pipeline, \"{IP_ADAPTER_NEGATIVE}\" "
+                           f"(instead of --negative-prompt)")
+    args = ap.parse_args(argv)
+    args.negative_prompt_given = args.negative_prompt is not None  # --ip-adapter-negative takes its place
+    args.negative_prompt = args.negative_prompt or ""
+    return args
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -88,6 +97,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     problems += device_problems(args.device, args.precision)
     problems += compile_problems(args.compile)
     problems += check_references(args)
+    problems += negative_prompt_problems(args)
     problems += out_problems(args.out)
     return list(dict.fromkeys(problems))  # a bad --config is found by two checks: say it once
 
@@ -108,6 +118,26 @@ def check_references(args: argparse.Namespace) -> list[str]:
                                           ref_guidance=args.ref_guidance, method=args.method, unet_config=unet_config,
                                           ip_scale=args.ip_scale, image_encoder=args.image_encoder)
     args.method = args.method or method
+    return problems
+
+
+def negative_prompt_problems(args: argparse.Namespace) -> list[str]:
+    """--ip-adapter-negative: for an IP-Adapter checkpoint (after `check_references`), in place of
+    --negative-prompt; sets `args.negative_prompt` to the official pipeline's."""
+    from retrinet.ip_adapter import IP_ADAPTER_NEGATIVE
+    if not args.ip_adapter_negative:
+        return []
+    problems = []
+    if args.negative_prompt_given:
+        problems.append("--ip-adapter-negative is a negative prompt (the IP-Adapter pipeline's): leave out "
+                        "--negative-prompt")
+    if not args.retrinet:
+        problems.append("--ip-adapter-negative applies to IP-Adapter checkpoints: give one with --retrinet and --refs")
+    elif args.method is not None and args.method != "ip-adapter":  # None: the checkpoint's problem is told
+        problems.append(f"--ip-adapter-negative applies to IP-Adapter checkpoints, not a {args.method} "
+                        f"({args.retrinet})")
+    if not problems:
+        args.negative_prompt = IP_ADAPTER_NEGATIVE
     return problems
 
 

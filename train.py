@@ -182,7 +182,7 @@ class Run:
         makes weights that do not compute). Returns what the log and the loop need."""
         args, n = self.args, self.step_count + 1
         lr = objective.lr_at(self.step_count, lr=args.lr, warmup=args.warmup, restart_every=args.restart_every,
-                             min_lr=args.min_lr)
+                             min_lr=args.min_lr, schedule=args.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         losses, n_samples = [], 0

@@ -7,7 +7,8 @@ ControlNet adds the outputs of its own copy of the encoder half. Each method is 
 `ReferenceUNet` and owns everything that makes it that method: its forward pass and config
 dataclass, how it is built from a command line's choices (`build`, `MethodOptions`), its training
 defaults and the options it refuses (`training_defaults`, `option_problems`), how a training batch
-becomes its inputs (`training_inputs`) and how it samples (`denoiser`). This module holds the rest:
+becomes its inputs (`training_inputs`) and how it samples (`denoiser`, `guided_predictor`). This
+module holds the rest:
 
 * locks (paper Sec. 5.2): "none" trains the added module and SD's decoder; "decoder" (LockD)
   freezes the decoder; "both" (LockB) also freezes the added module's encoder part. SD's encoder
@@ -32,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.weights import CheckpointError, load_strict, read_header, read_tensors
+from diffusion.sd15 import ClassifierFreeGuidance
 from unet import UNet, UNetConfig
 
 LOCKS = ("none", "decoder", "both")  # paper: default, LockD, LockB
@@ -62,7 +64,7 @@ class ReferenceUNet(nn.Module):
     needs_image_encoder: bool = False  # its references go through a frozen CLIP image encoder
     image_scale: bool = False          # sampling weighs its image attention by a scale (ip_scale)
     reference_at_target_size: bool = False  # its reference is drawn at the target's size (a hint)
-    training_defaults: dict = {}       # train.py's defaults where the preset does not decide
+    training_defaults: dict = {}       # train.py's defaults where its command line gives none (before the preset's)
     locks: tuple = LOCKS               # the locks that apply
 
     @classmethod
@@ -116,6 +118,12 @@ class ReferenceUNet(nn.Module):
     def lockb_frozen(self) -> list[nn.Module]:
         """The parts of the added module that LockB freezes."""
         raise NotImplementedError
+
+    def guided_predictor(self, denoiser, guidance: float):
+        """The guided prediction `(x, t, negative, context) -> output` that sampling runs at each step
+        with `denoiser` (this model's `denoiser`): classifier-free guidance over the text alone, the
+        references in both branches (as training drops only the text). IP-Adapter overrides it."""
+        return ClassifierFreeGuidance(denoiser, guidance)
 
     def _like_unet(self, module: nn.Module) -> nn.Module:
         """`module` on the U-Net's device in its dtype; moved only when it is not there already (so

@@ -70,7 +70,12 @@ class ControlNetUNet(ReferenceUNet):
     references, reference_at_target_size = 1, True
     # As diffusers' train_controlnet.py: one reference (the hint), SD frozen; prompts emptied at
     # train.py's rate; no face loss (Sec. 3.1 trains the baselines "without extra training tricks").
-    training_defaults = dict(refs=references, lock="decoder", prompt_drop=0.5, face_weight=0.0)
+    # Its optimisation as the script's defaults (Supp. A.3: "other default settings as specified in
+    # their official code bases"; the learning rate stays the preset's, one for all methods):
+    # --lr_scheduler "constant", which ignores --lr_warmup_steps 500, so no warm-up; --max_grad_norm
+    # 1.0; AdamW --adam_weight_decay 1e-2, --adam_epsilon 1e-8.
+    training_defaults = dict(refs=references, lock="decoder", prompt_drop=0.5, face_weight=0.0,
+                             schedule="constant", warmup=0, clip_grad=1.0, weight_decay=1e-2, adam_eps=1e-8)
 
     def __init__(self, unet: UNet, lock: str = "decoder", hint_channels: int = 3, hint_downscale: int = 8,
                  train_base: bool = False):

@@ -34,9 +34,15 @@ from clip.preprocess import CLIP_MEAN, CLIP_STD
 from common.attention import attention, merge_heads, split_heads
 from common.images import fit_and_pad
 from common.weights import CheckpointError, read_header, read_tensors
+from diffusion.sd15 import ClassifierFreeGuidance
 from unet import UNet, UNetConfig
 from unet.model import BasicTransformerBlock, CrossAttention
 from .base import METADATA_KEY, MethodOptions, ReferenceUNet, file_metadata
+
+
+# The default negative prompt of IP-Adapter's official pipeline (ip_adapter/ip_adapter.py, IPAdapter.generate;
+# sample.py --ip-adapter-negative).
+IP_ADAPTER_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 @dataclass
@@ -187,6 +193,27 @@ class DecoupledCrossAttention(CrossAttention):
         return self.to_out(merge_heads(out))
 
 
+class ImageGuidance(ClassifierFreeGuidance):
+    """Classifier-free guidance as IP-Adapter's official pipeline (IPAdapter.generate): the negative
+    branch gets the negative prompt and a zero image embedding (through image_proj, as training's
+    dropped image), the positive branch the prompt and the reference's, in one batched call:
+        out = eps(x, negative, 0) + scale * (eps(x, prompt, e) - eps(x, negative, 0))
+    `scale` <= 1 runs the positive branch alone. `model(x, t, context, drop_image)` is
+    `IPAdapterUNet.denoiser`'s, drop_image (B,) bool: True = the zero embedding."""
+
+    drop = None  # (2B,) the first half (the negative branch) drops the image; made at the first step
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, negative: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.scale <= 1.0:
+            return self.model(x, t, context)
+        b = x.shape[0]
+        if self.drop is None or self.drop.shape[0] != 2 * b:
+            self.drop = torch.arange(2 * b, device=x.device) < b
+        uncond, cond = self.model(torch.cat([x] * 2), t, torch.cat([negative, context]),
+                                  drop_image=self.drop).chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
 # -- CLIP preprocessing of training pixels ----------------------------------------------------------
 
 def clip_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -234,8 +261,11 @@ class IPAdapterUNet(ReferenceUNet):
     locks = ("none", "decoder")  # no encoder of its own for LockB to freeze
     # As the official tutorial_train.py: one reference, SD and the image encoder frozen, and its own
     # dropout of image, text or both (`training_inputs`), so no prompt dropout by the loader; no face
-    # loss (Sec. 3.1 trains the baselines "without extra training tricks").
-    training_defaults = dict(refs=references, lock="decoder", prompt_drop=0.0, face_weight=0.0)
+    # loss (Sec. 3.1 trains the baselines "without extra training tricks"). Its optimisation as the
+    # script (the learning rate stays the preset's, one for all methods, Supp. A.3): AdamW(lr,
+    # weight_decay=1e-2) with torch's eps 1e-8, no scheduler (constant), no warm-up, no gradient clipping.
+    training_defaults = dict(refs=references, lock="decoder", prompt_drop=0.0, face_weight=0.0,
+                             schedule="constant", warmup=0, clip_grad=0.0, weight_decay=1e-2, adam_eps=1e-8)
     drops = (0.05, 0.05, 0.05)  # probabilities of dropping the image alone, the text alone, both
 
     def __init__(self, unet: UNet, image_embed_dim: int = 768, num_tokens: int = 4, lock: str = "decoder",
@@ -369,13 +399,24 @@ class IPAdapterUNet(ReferenceUNet):
     @torch.no_grad()
     def denoiser(self, sd, references: list[Image.Image], concepts: list[str], *, ref_size: int, height: int,
                  width: int, scale: float = 1.0):
-        """`(x, t, context) -> eps` with the one reference's embedding (fitted and padded to `ref_size`
-        as the training loader does, then CLIP-encoded once) for every sample of the batch."""
+        """`(x, t, context, drop_image=None) -> eps` with the one reference's embedding (fitted and
+        padded to `ref_size` as the training loader does, then CLIP-encoded once) for every sample of
+        the batch; a zero embedding instead where `drop_image` (B,) is True (`guided_predictor`)."""
         if len(references) != 1:
             raise ValueError(f"the IP-Adapter baseline takes one reference image, got {len(references)}")
         pixels = fit_and_pad(references[0], ref_size)[0][None].to(sd.device)
         embeds = self.encode_references(pixels).to(sd.device, sd.dtype)  # (1, D)
-        return lambda x, t, context: self(x, t, context, embeds.expand(x.shape[0], -1), scale)
+
+        def eps(x, t, context, drop_image=None):
+            e = embeds.expand(x.shape[0], -1)
+            if drop_image is not None:
+                e = torch.where(drop_image[:, None], torch.zeros_like(e), e)
+            return self(x, t, context, e, scale)
+        return eps
+
+    def guided_predictor(self, denoiser, guidance: float) -> ImageGuidance:
+        """As the official pipeline: the negative branch without the reference (`ImageGuidance`)."""
+        return ImageGuidance(denoiser, guidance)
 
     # -- files ------------------------------------------------------------------------------------
     @classmethod

@@ -157,8 +157,10 @@ class RetriUNet(ReferenceUNet):
 
     method, title, prefix, config_class = "retrinet", "RetriNet", "retrinet.", RetriNetConfig
     # The paper's recipe (Sec. 5.2): K = 2 references, SD's decoder trains, half the prompts emptied,
-    # Eq. 3's face term at lambda_face = 0.1.
-    training_defaults = dict(refs=2, lock="none", prompt_drop=0.5, face_weight=0.1)
+    # Eq. 3's face term at lambda_face = 0.1. The cosine schedule with restarts (Supp. A.4) after the
+    # preset's warm-up, gradients clipped at norm 1, AdamW's weight decay 1e-2 and eps 1e-8.
+    training_defaults = dict(refs=2, lock="none", prompt_drop=0.5, face_weight=0.1, schedule="cosine-restarts",
+                             clip_grad=1.0, weight_decay=1e-2, adam_eps=1e-8)
 
     def __init__(self, unet: UNet, heads: int = 8, lock: str = "none", null_reference: bool = False,
                  train_base: bool = False):

@@ -7,11 +7,13 @@ command line makes before it builds any model.
 
 Each conditioning model turns its references into a denoiser `(x, t, context) -> eps`
 (`model.denoiser`): RetriNet fits, pads and VAE-encodes them once and runs E once per step for the
-whole guidance batch; the ControlNet uses its one reference as the hint. `guidance` drops the text and
-keeps the references (as training drops only the text: the paper says nothing about guidance
-with references). `ref_guidance` (a RetriNet with a null
-reference, trained with reference dropout) guides references and text separately
-(docs/design.md section 5).
+whole guidance batch; the ControlNet uses its one reference as the hint. `guidance` is the model's
+own (`model.guided_predictor`): RetriNet and the ControlNet drop the text and keep the references (as
+training drops only the text: the paper says nothing about guidance with references); the
+IP-Adapter, as its official pipeline, gives the negative branch a zero image embedding too
+(`retrinet.ip_adapter.IP_ADAPTER_NEGATIVE` is that pipeline's default negative prompt).
+`ref_guidance` (a RetriNet with a null reference, trained with reference dropout) guides references
+and text separately (docs/design.md section 5).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from PIL import Image
 
 from common.images import open_image
 from common.options import CONCEPTS
-from diffusion.sd15 import ClassifierFreeGuidance, StableDiffusion, text_to_image
+from diffusion.sd15 import StableDiffusion, text_to_image
 from unet import UNetConfig
 from .base import ReferenceUNet
 from .checkpoints import METHODS, inspect_checkpoint
@@ -87,7 +89,7 @@ def generate(sd: StableDiffusion, prompt: str, *, model: ReferenceUNet | None = 
         options = {"scale": 1.0 if ip_scale is None else ip_scale} if ip_adapter else {}
         denoiser = model.denoiser(sd, list(references), concepts, ref_size=ref_size, height=height, width=width,
                                   **options)
-        predictor = (ClassifierFreeGuidance(denoiser, guidance) if ref_guidance is None
+        predictor = (model.guided_predictor(denoiser, guidance) if ref_guidance is None
                      else ReferenceGuidance(denoiser, guidance, ref_guidance))
     images = text_to_image(sd, prompt, negative_prompt, num=num, steps=steps, guidance=guidance, sampler=sampler,
                            seed=seed, height=height, width=width, progress=progress, predictor=predictor)

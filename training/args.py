@@ -14,6 +14,7 @@ from common.options import (COMPILE_DEFAULT, COMPILE_HELP, DEVICE_PATTERN, PRECI
 from data.dataset import REF_BACKGROUNDS, SETTINGS, TASKS
 from retrinet import LOCKS, METHODS
 from .checkpoints import checkpoint_dirs
+from .objective import SCHEDULES
 from .presets import PRESETS, STACK, stack_problems
 
 
@@ -70,11 +71,19 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     opt.add_argument("--grad-accum", type=int, default=None)
     opt.add_argument("--lr", type=float, default=None)
     opt.add_argument("--min-lr", type=float, default=0.0)
-    opt.add_argument("--warmup", type=int, default=None)
-    opt.add_argument("--restart-every", type=int, default=None, help="cosine schedule restart period (steps)")
-    opt.add_argument("--weight-decay", type=float, default=1e-2)
-    opt.add_argument("--adam-eps", type=float, default=1e-8)
-    opt.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    opt.add_argument("--schedule", choices=SCHEDULES, default=None,
+                     help="learning-rate schedule (training/objective.py lr_at): cosine-restarts (RetriNet's "
+                          "default, Supp. A.4), constant after --warmup (the baselines' default, as their "
+                          "official scripts)")
+    opt.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: the preset's for "
+                                                               "RetriNet, 0 for the baselines)")
+    opt.add_argument("--restart-every", type=int, default=None,
+                     help="cosine-restarts: restart period (steps; --schedule constant takes none)")
+    opt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-2)")
+    opt.add_argument("--adam-eps", type=float, default=None, help="AdamW eps (default 1e-8)")
+    opt.add_argument("--clip-grad", type=float, default=None,
+                     help="max gradient norm (0: no clipping; default 1.0, 0 for the IP-Adapter as its official "
+                          "training)")
     opt.add_argument("--max-steps", type=int, default=None)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--zero", action="store_true", help="shard the AdamW state across processes (ZeRO-1)")
@@ -189,10 +198,25 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems.append("--from-scratch trains the base U-Net with the method: only --lock none applies")
     problems += device_problems(args)
     problems += compile_problems(args.compile)
+    problems += schedule_problems(args)
     problems += out_problems(args)
     if args.resume and args.resume != "latest" and not (Path(args.resume) / "state.pt").is_file():
         problems.append(f"--resume {args.resume}: not a checkpoint folder (no state.pt)")
     return problems + method_problems(args)
+
+
+def schedule_problems(args: argparse.Namespace) -> list[str]:
+    """What the constant schedule does not take: a restart period, a cosine floor."""
+    if args.schedule != "constant":
+        return []
+    problems = []
+    if "restart_every" in args.explicit:
+        problems.append(f"--restart-every {args.restart_every}: --schedule constant has no restarts (it belongs "
+                        f"to --schedule cosine-restarts)")
+    if math.isfinite(args.min_lr) and args.min_lr != 0:
+        problems.append(f"--min-lr {args.min_lr}: --schedule constant has no cosine floor (it belongs to "
+                        f"--schedule cosine-restarts)")
+    return problems
 
 
 def device_problems(args: argparse.Namespace) -> list[str]:

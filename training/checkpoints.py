@@ -95,8 +95,8 @@ def read_state(path: Path) -> dict:
 # something else: the stored weights (the model's shape, which parameters train) or the stored data
 # position (epoch and micro-batches consumed on each process: which samples, in which order, in
 # batches of which size, on how many processes). `processes` and `samples` are stored beside the
-# arguments; `null_reference` is --ref-drop > 0. Everything else may change on resume, with a note: the learning rate and its
-# schedule, --clip-grad, --weight-decay, --adam-eps, --prompt-drop, --face-weight, --ref-drop between
+# arguments; `null_reference` is --ref-drop > 0. Everything else may change on resume, with a note: the learning rate, the
+# warm-up and the restart period, --clip-grad, --weight-decay, --adam-eps, --prompt-drop, --face-weight, --ref-drop between
 # two positive values, --max-steps, --time-limit, --save-every, --keep, --log-every, the validation
 # settings, --workers, --device, --precision, --checkpointing, --zero, --ddp-timeout, and the paths
 # --data (its size is checked), --val-data, --weights, --config and --image-encoder (a moved file
@@ -119,6 +119,7 @@ RESUME_FIXED = {
     "processes": "the stored data position (each process's share of the data)",
     "seed": "the stored data position (the shuffling order) and each sample's noise",
     "samples": "the stored data position (epochs of this many samples)",
+    "schedule": "the learning-rate schedule the run follows",
 }
 # Not compared: bookkeeping of the run itself.
 RESUME_IGNORED = {"resume", "out", "explicit"}
@@ -128,6 +129,8 @@ def run_settings(args: dict, processes: int, samples: int | None) -> dict:
     """The settings of a run as --resume compares them: the arguments, the number of processes, the
     dataset's size and whether the model has a null reference."""
     settings = dict(args, processes=processes, samples=samples)
+    if "lr" in args and "schedule" not in args:
+        settings["schedule"] = "cosine-restarts"  # the one schedule of runs written before --schedule
     if isinstance(args.get("ref_drop"), (int, float)):
         settings["null_reference"] = args["ref_drop"] > 0
     return settings

@@ -110,9 +110,24 @@ def denoising_loss(model, x_t, t, inputs: dict, target, valid, face_factor, samp
     return per_sample.mean()
 
 
-def lr_at(step: int, *, lr: float, warmup: int, restart_every: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up, then a cosine from `lr` to `min_lr` restarted every `restart_every` steps
-    at the full rate (Supp. A.4: restarts "without decay")."""
+SCHEDULES = ("cosine-restarts", "constant")  # train.py --schedule
+
+
+def lr_at(step: int, *, lr: float, warmup: int, restart_every: int, min_lr: float = 0.0,
+          schedule: str = "cosine-restarts") -> float:
+    """The learning rate of update `step` (0-based).
+
+    "cosine-restarts" (RetriNet): linear warm-up, then a cosine from `lr` to `min_lr` restarted every
+    `restart_every` steps at the full rate (Supp. A.4: restarts "without decay").
+    "constant" (the baselines, as diffusers' train_controlnet.py and IP-Adapter's tutorial_train.py):
+    `lr` throughout, after a linear warm-up when `warmup` > 0; exactly diffusers'
+    get_scheduler("constant_with_warmup") as those scripts step it, whose first update runs at
+    lr * 0 / warmup (the cosine's warm-up starts at lr / warmup); `restart_every` and `min_lr` do not
+    apply."""
+    if schedule == "constant":
+        return lr * (step / warmup) if step < warmup else lr
+    if schedule != "cosine-restarts":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if step < warmup:
         return lr * (step + 1) / warmup
     phase = ((step - warmup) % restart_every) / restart_every
