@@ -17,7 +17,8 @@ from experiments import leakage
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--identities", "2", "--images-per-identity", "4", "--heldout", "2", "--steps", "2", "--samples", "2",
-       "--sample-steps", "2", "--train-args", "--batch-size", "4", "--val-steps", "2", "--val-count", "1"]
+       "--sample-steps", "2", "--seeds", "0", "--ip-scales", "0.5", "1.0",
+       "--train-args", "--batch-size", "4", "--val-steps", "2", "--val-count", "1"]
 
 
 def uint8(tensor):
@@ -76,7 +77,8 @@ def test_scene_of_tags():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """The whole pipeline at toy size: 3 methods x 2 settings, 2 steps each (about 40 s)."""
+    """The whole pipeline at toy size: 3 methods x 2 settings, one seed, 2 steps each, the IP-Adapter
+    at two scales and the base-only row (about a minute)."""
     out = tmp_path_factory.mktemp("leakage")
     res = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -89,28 +91,44 @@ def test_toy_pipeline_writes_the_table(toy):
     out, res = toy
     table = json.loads((out / "table.json").read_text())
     rows = table["rows"]
-    assert [(r["method"], r["setting"]) for r in rows] == [(m, s) for m in leakage.METHODS for s in leakage.SETTINGS]
+    assert [(r["method"], r["setting"], r["scale"]) for r in rows] == \
+        [("retrinet", "a", None), ("retrinet", "b", None), ("controlnet", "a", None), ("controlnet", "b", None),
+         ("ip-adapter", "a", 0.5), ("ip-adapter", "a", 1.0), ("ip-adapter", "b", 0.5), ("ip-adapter", "b", 1.0),
+         ("base", "", None)]
     assert table["scored_scene_attributes"][:1] == ["background"]
     for r in rows:
-        assert r["steps"] == 2 and r["train_minutes"] > 0
-        for k in ("identification", "exact", "adherence_background", "copying_background", "adherence", "copying"):
+        assert r["seeds"] == 1
+        for k in ("identification", "prompt_background", "copies_background", "joint"):
             assert 0.0 <= r[k] <= 1.0, (k, r[k])
-    assert table["chance"]["identification"] == 0.5 and table["chance"]["adherence_background"] == 0.25
-    assert set(table["chance"]["copying_background"]) == {"K=1", "K=2"}   # copying's chance depends on K
+        assert -1.0 <= r["clip_i"] <= 1.0 and -1.0 <= r["clip_t"] <= 1.0
+        assert r["clip_product"] == pytest.approx(r["clip_i"] * r["clip_t"])
+    assert table["chance"]["identification"] == 0.5 and table["chance"]["prompt_background"] == 0.25
+    assert set(table["chance"]["copies_background"]) == {"K=1", "K=2"}   # copying's chance depends on K
+    claims = table["claims"]
+    assert {(c["method"], c["measure"]) for c in claims} >= {("retrinet", "copies_background"),
+                                                            ("controlnet", "identified"), ("ip-adapter", "joint")}
+    for c in claims:
+        assert 0 < c["p"] <= 1 and 0 < c["p_opposite"] <= 1 and c["pairs"] == 4
+        assert c["verdict"] in ("reproduced", "reversed", "not shown")
     # the scorers read the known held-out images (their ceiling row)
     real = table["scorer_on_real_images"]
     assert real["background"] == 1.0 and real["arms"] >= 0.9 and real["identification"] >= 0.5
     with open(out / "table.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 6
+        assert len(list(csv.DictReader(fh))) == 6 + 2 + 1   # every run and sampling, the extra scales, the base
     md = (out / "table.md").read_text()
-    assert md.count("\n| ") == 1 + 6 + 2 and "| retrinet | -a |" in md and "scorer on real images" in md
-    assert Image.open(out / "scatter.png").size[0] > 400
+    assert "| retrinet | -a |" in md and "| ip-adapter-0.5 | -b |" in md and "base only" in md
+    assert "scorer on real images" in md and "## The paper's claims" in md and "| 1 | -b |" in md
+    assert Image.open(out / "scatter.png").size[0] > 3 * 300
+    assert Image.open(out / "fig3-ip-adapter.png").size[0] > 3 * 64
     for m in leakage.METHODS:
         for s in leakage.SETTINGS:
-            run = out / "runs" / f"{m}-{s}"
+            run = out / "runs" / f"{m}-{s}-s0"
+            folder = run / ("eval-ip0.5" if m == "ip-adapter" else "eval")
             k = leakage.references_for(m)
-            assert Image.open(run / "samples.png").size[0] > (k + 2) * 64
-            assert np.load(run / "samples.npz")["images"].shape == (2 * 2, 24, 24, 3)
+            assert Image.open(folder / "samples.png").size[0] > (k + 2) * 64
+            assert np.load(folder / "samples.npz")["images"].shape == (2 * 2, 24, 24, 3)
+            result = json.loads((folder / "result.json").read_text())
+            assert len(result["samples"]) == 4 and len(list((folder / "images").glob("*.png"))) == 4
     assert "training 2 steps" in res.stderr
 
 
@@ -121,25 +139,26 @@ def test_second_invocation_reuses_every_run(toy):
     res = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("trained (2 steps") == 6 and res.stderr.count("evaluated, reused") == 6
-    assert "training 2 steps" not in res.stderr
+    assert res.stderr.count("trained (2 steps") == 6 and res.stderr.count("evaluated, reused") == 6 + 2 + 1
+    assert "training 2 steps" not in res.stderr and "sampling" not in res.stderr
     strip = lambda t: {k: v for k, v in json.loads(t).items() if k != "total_minutes"}
     assert strip((out / "table.json").read_text()) == strip(before)
     other = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:6], "--steps", "3",
-                            "--methods", "retrinet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            "--seeds", "0", "--methods", "retrinet"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
     assert other.returncode == 1 and "trained for 2 steps, not --steps 3" in other.stderr
     assert "Traceback" not in other.stderr
-    data = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:4], "--seed", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    data = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:4],
+                           "--data-seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert data.returncode == 1 and "holds data made with --identities 2" in data.stderr
-    assert "--seed 0" in data.stderr and "Traceback" not in data.stderr
+    assert "--data-seed 0" in data.stderr and "Traceback" not in data.stderr
 
 
 @pytest.mark.slow
 def test_plan_asks_for_a_scene_the_references_do_not_show(toy):
     """References share their arms; the prompt asks for the other arms, the other facing and a
-    background no reference shows. Scored on the references themselves, copying is 100% and
-    adherence 0% (a property of the scores, no training involved)."""
+    background no reference shows. Scored on the references themselves, every sample copies and
+    none follows the prompt (a property of the scores, no training involved)."""
     out, _ = toy
     plan = leakage.sampling_plan(out / "data-heldout", seed=0)
     assert len(plan) == 2
@@ -150,14 +169,17 @@ def test_plan_asks_for_a_scene_the_references_do_not_show(toy):
         assert want["facing"] != refs[0]["facing"]
         assert e["prompt"].endswith(f"{want['background']} background")
     images = [uint8(fit_and_pad(open_image(e["references"][0]), 24)[0]) for e in plan]
-    s = leakage.scene_scores(images, plan, per=1, k=1, attributes=["background", "arms"])
-    assert s["copying_background"] == 1.0 and s["adherence_background"] == 0.0
-    assert s["copying_arms"] == 1.0 and s["adherence_arms"] == 0.0
-    assert s["chance_adherence_arms"] == 0.5 and s["chance_copying_background"] == 0.25
+    rows = leakage.per_sample(images, plan, per=1, k=1, attributes=["background", "arms"], seed=0)
+    assert all(r["copies_background"] for r in rows)
+    assert not any(r["prompt_background"] or r["prompt_arms"] or r["prompt_followed"] or r["joint"] for r in rows)
+    assert all(r["identified"] for r in rows)   # the references are their identities
 
 
 @pytest.mark.parametrize("argv,message", [(["--steps", "0"], "--steps must be >= 1"),
                                           (["--heldout", "1"], "--heldout must be >= 2"),
+                                          (["--seeds", "0", "0"], "--seeds must be distinct"),
+                                          (["--guidance", "nan"], "--guidance must be a finite number"),
+                                          (["--ip-scales", "0.5", "-1"], "--ip-scales must be a finite number"),
                                           (["--methods", "dreambooth"], "invalid choice")])
 def test_bad_arguments(tmp_path, argv, message):
     res = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(tmp_path), *argv], cwd=ROOT,
@@ -171,7 +193,8 @@ def test_a_stopped_run_resumes(tmp_path):
     one-line message; the same command again resumes that run from its checkpoint and finishes."""
     import signal
     argv = [sys.executable, "-m", "experiments.leakage", "--out", str(tmp_path), *TOY[:6], "--steps", "60",
-            "--methods", "retrinet", "--settings", "a", "--samples", "1", "--sample-steps", "2",
+            "--methods", "retrinet", "--settings", "a", "--seeds", "0", "--no-base", "--samples", "1",
+            "--sample-steps", "2",
             "--train-args", "--batch-size", "4", "--val-steps", "2", "--val-count", "1", "--log-every", "1"]
     proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     seen = ""
@@ -182,10 +205,10 @@ def test_a_stopped_run_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
-    assert "training retrinet-a stopped at step" in rest and "(by SIGTERM)" in rest
+    assert "training retrinet-a-s0 stopped at step" in rest and "(by SIGTERM)" in rest
     assert "run the same command again" in rest and "sampling" not in rest
     assert "Traceback" not in rest
-    run = tmp_path / "runs" / "retrinet-a"
+    run = tmp_path / "runs" / "retrinet-a-s0"
     saved = sorted(run.glob("checkpoints/step-*"))
     assert saved and int(saved[-1].name[5:]) < 60 and not (run / "done.json").exists()
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -225,3 +248,49 @@ def test_old_command_hands_over(tmp_path):
                              "sys.modules} & {'experiments', 'training', 'retrinet', 'torch'}))"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def _result(values: dict, n: int = 40, seed: int = 0) -> dict:
+    """A fake evaluation: per-sample values drawn around `values` (binary measures as 0/1)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        row = {}
+        for k, v in values.items():
+            row[k] = bool(rng.random() < v) if k in ("identified", "copies_background", "prompt_background", "joint") \
+                else float(v + rng.normal(0, 0.01))
+        samples.append(row)
+    return {"samples": samples}
+
+
+def test_claims_read_the_pairs_pooled_over_seeds():
+    """-a copies far more and -b follows far more: (i) and (ii) reproduced; a measure equal in both
+    settings is not shown; ControlNet identifying better under -b reverses (iv)."""
+    results = {}
+    for seed in (0, 1, 2):
+        a = {"copies_background": 0.9, "prompt_background": 0.1, "clip_t": 0.30, "identified": 0.2, "clip_i": 0.5,
+             "joint": 0.05, "clip_product": 0.15}
+        b = {"copies_background": 0.2, "prompt_background": 0.7, "clip_t": 0.35, "identified": 0.8, "clip_i": 0.5,
+             "joint": 0.05, "clip_product": 0.15}
+        for method in leakage.METHODS:
+            scale = 0.5 if method == "ip-adapter" else None
+            results[(method, "a", seed, scale)] = _result(a, seed=seed)
+            results[(method, "b", seed, scale)] = _result(b, seed=seed + 10)
+    got = {(c["claim"][:5], c["method"], c["measure"]): c for c in leakage.claims(results, [0, 1, 2], 0.5)}
+    assert got[("(i) -", "retrinet", "copies_background")]["verdict"] == "reproduced"
+    assert got[("(ii) ", "ip-adapter", "prompt_background")]["verdict"] == "reproduced"
+    assert got[("(ii) ", "controlnet", "clip_t")]["verdict"] == "reproduced"
+    assert got[("(iv) ", "controlnet", "identified")]["verdict"] == "reversed"
+    same = got[("(iii)", "retrinet", "joint")]
+    assert same["pairs"] == 120 and same["seeds"] == 3 and same["p"] > 0.05 and same["p_opposite"] > 0.05
+    assert ("(iii)", "controlnet", "joint") not in got   # (iii) is claimed for RetriNet and the IP-Adapter only
+    assert got[("(i) -", "retrinet", "copies_background")]["seeds_agreeing"] == 3
+
+
+def test_chance_row():
+    plan = [{"reference_scenes": [{"background": "blue"}, {"background": "grey"}]},
+            {"reference_scenes": [{"background": "blue"}, {"background": "blue"}]}]
+    c = leakage.chance(plan, ["background", "arms"])
+    assert c["identification"] == 0.5 and c["prompt_background"] == 0.25 and c["prompt_arms"] == 0.5
+    assert c["copies_background"] == {"K=1": 0.25, "K=2": pytest.approx(1.5 / 4)}
+    assert c["joint"] == pytest.approx(0.5 * 0.25 * 0.5)

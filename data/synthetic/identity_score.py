@@ -794,7 +794,8 @@ def score(images, identities: list, mismatched: Optional[list] = None, seed: int
 
     And whether the images carry their identities, as tests against chance:
     - identification: the fraction of images whose best-matching identity among the list's distinct
-      identities (`identify`) is their own; chance_identification = 1 / that number;
+      identities (`identify`) is their own (per image: `identified`); chance_identification = 1 / that
+      number;
     - null_X for X in exact, hair, top, bottom: the match rate against every other identity of the
       list (all pairs; the derangement's chance_X is one draw of it), estimated as
       (matches + 1/2) / (comparisons + 1) so that it is never 0;
@@ -816,8 +817,10 @@ def score(images, identities: list, mismatched: Optional[list] = None, seed: int
     candidates = candidate_identities(identities)
     rng = np.random.default_rng(seed)
     picks = [identify(a, candidates, rng) for a in analyses]
-    hits = sum(_identity_key(candidates[j]) == _identity_key(i) for j, i in zip(picks, identities))
-    out.update(identification=hits / len(images), identification_count=hits, candidates=len(candidates),
+    identified = [_identity_key(candidates[j]) == _identity_key(i) for j, i in zip(picks, identities)]
+    hits = sum(identified)
+    out.update(identification=hits / len(images), identification_count=hits, identified=identified,
+               candidates=len(candidates),
                chance_identification=1 / len(candidates),
                p_identification=binomial_p(hits, len(images), 1 / len(candidates)))
     # chance per score: every image against every other identity (with other colours)
