@@ -355,10 +355,12 @@ def evaluate(folder: Path, sd, model, method: str | None, plan: list[dict], attr
 
 
 def means(rows: list[dict]) -> dict:
-    """The mean of every measure over samples; CLIP-I x CLIP-T as the paper's table: the product of
-    the two means."""
+    """The mean of every measure over samples; CLIP-I x CLIP-T as the paper's element-wise product:
+    the mean of the per-sample products (eval.metrics.swd, Eq. 1 with CLIP-I as similarity and
+    CLIP-T as diversity)."""
+    from eval.metrics import swd
     out = {m: float(np.mean([r[_key(m)] for r in rows])) for m in MEASURES if _key(m) in rows[0]}
-    out["clip_product"] = out["clip_i"] * out["clip_t"]
+    out["clip_product"] = float(swd([r["clip_i"] for r in rows], [r["clip_t"] for r in rows]).value)
     return out
 
 
@@ -569,7 +571,7 @@ colours match its own identity best among the held-out ones. Prompt X: the sampl
 Copies ref background: it shows a reference's instead (chance depends on how many references a method
 takes, K: RetriNet 2, the baselines and the base 1). Joint: identified and every scored attribute as the
 prompt asks. CLIP-I / CLIP-T: the tiny stack's CLIP, cosine to the references / the prompt;
-CLIP-I x CLIP-T: the product of the two means. Scorer on real images: the scorers on the held-out
+CLIP-I x CLIP-T: the paper's element-wise product, the mean over samples of CLIP-I x CLIP-T. Scorer on real images: the scorers on the held-out
 images themselves (the ceiling).{' Not scored: ' + not_scored + '.' if dropped else ''}
 
 {chr(10).join(main)}
@@ -680,7 +682,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                     if not result:   # not evaluated with these settings yet: load the run once
                         sd, model, _ = load_run(run)
                         result = evaluate(folder, sd, model, method, plan, attributes, seed, scale, scorer, args)
-                    results[(method, setting, seed, scale)] = {**result, **record}
+                    results[(method, setting, seed, scale)] = {**result, **means(result["samples"]), **record}
                     if method == "ip-adapter" and seed == args.seeds[0]:
                         fig3_folders[(setting, scale)] = folder
     if args.base:
@@ -691,7 +693,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             if not result:
                 base_sd = base_sd or load_tiny_stack()
                 result = evaluate(folder, base_sd, None, None, plan, attributes, seed, None, scorer, args)
-            results[("base", "", seed, None)] = result
+            results[("base", "", seed, None)] = {**result, **means(result["samples"])}
     rows = summary_rows(results)
     tested = claims(results, args.seeds, args.ip_scale)
     from data.synthetic.identity_score import load_identities

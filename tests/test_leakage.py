@@ -101,7 +101,9 @@ def test_toy_pipeline_writes_the_table(toy):
         for k in ("identification", "prompt_background", "copies_background", "joint"):
             assert 0.0 <= r[k] <= 1.0, (k, r[k])
         assert -1.0 <= r["clip_i"] <= 1.0 and -1.0 <= r["clip_t"] <= 1.0
-        assert r["clip_product"] == pytest.approx(r["clip_i"] * r["clip_t"])
+    # the paper's element-wise product: the mean of per-sample CLIP-I x CLIP-T, not the product of means
+    samples = json.loads((out / "runs" / "retrinet-a-s0" / "eval" / "result.json").read_text())["samples"]
+    assert rows[0]["clip_product"] == pytest.approx(np.mean([x["clip_i"] * x["clip_t"] for x in samples]))
     assert table["chance"]["identification"] == 0.5 and table["chance"]["prompt_background"] == 0.25
     assert set(table["chance"]["copies_background"]) == {"K=1", "K=2"}   # copying's chance depends on K
     claims = table["claims"]
