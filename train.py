@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -460,6 +461,10 @@ def main(argv=None) -> int:
             signal.signal(sig, handler)
         if log is not None:
             log.close()
+        # Free the run (its DDP reducer holds the process group) while the interpreter is whole: left to
+        # the garbage collector at exit, gloo's threads could be torn down mid-shutdown (an abort).
+        run = None
+        gc.collect()
         if world > 1 and not broken:
             dist.destroy_process_group()
     return status
