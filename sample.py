@@ -31,6 +31,8 @@ from pathlib import Path
 
 from common.options import COMPILE_DEFAULT, COMPILE_HELP, CONCEPTS, PRECISIONS, Renamed
 
+MAX_SIDE = 2048   # --height, --width, --ref-size: a mistyped 100000 would ask for tens of GB before failing
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     from diffusion.samplers import SAMPLERS
@@ -92,6 +94,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
                                  width=args.width, steps=args.steps, num=args.num, seed=args.seed,
                                  floats={"--guidance": args.guidance, "--ref-guidance": args.ref_guidance,
                                          "--ip-scale": args.ip_scale})
+    problems += [f"--{name} {value} is too large: expected at most {MAX_SIDE} pixels (SD v1.5 works at 384 to 1024)"
+                 for name, value in (("height", args.height), ("width", args.width), ("ref-size", args.ref_size))
+                 if value > MAX_SIDE]
     args.device = resolve_device(args.device)
     args.precision = args.precision or default_precision(args.device)
     problems += device_problems(args.device, args.precision)

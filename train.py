@@ -16,8 +16,9 @@ log.jsonl, checkpoints/step-NNNNNN/ (<method>.safetensors + state.pt), samples/s
 --resume continues bit-exactly from the last checkpoint (training/checkpoints.py says which settings
 may change). SIGTERM / SIGINT save at the next step boundary. A step whose loss, gradient or update
 is not finite is skipped and undone (training/guard.py); MAX_BAD_STEPS in a row stop the run.
-Exit status: 0 done (or stopped by a signal or --time-limit), 2 bad arguments (nothing built or
-written), 1 a failure after that (one line on stderr; earlier checkpoints kept), 3 the non-finite stop.
+Exit status: 0 done (or stopped by a signal or --time-limit), 2 bad arguments or an --out another
+run holds (training/lock.py; nothing built or written), 1 a failure after that (one line on stderr;
+earlier checkpoints kept), 3 the non-finite stop.
 The tiny preset fine-tunes the shipped tiny SD + CLIP stack (tiny-stack/, `make base`) and copies its
 base into --out, so sample.py loads a run as
 
@@ -54,6 +55,7 @@ from common.weights import CheckpointError
 from data.dataset import RetriBooruDataset
 from data.stream import BatchStream
 from training import args as cli
+from training import lock
 from training import objective
 from training.build import build, make_optimizer, param_groups  # noqa: F401  (tests call train.build)
 from training.checkpoints import (checkpoint_dirs, model_file, read_state, resume_problems, run_settings,
@@ -377,8 +379,10 @@ def train_loop(run: Run, log: StepLog, stop: dict, val_records: list[dict]) -> i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problems = check_args(args)
     master = int(os.environ.get("RANK", "0")) == 0
+    # A run already in --out comes first: the other checks of --out read what it is writing.
+    busy = lock.holder(args.out) if master else None
+    problems = [busy] if busy else check_args(args)
     if problems:
         for p in problems:
             error(p)
@@ -395,10 +399,19 @@ def main(argv=None) -> int:
             error(line)
         return e.status
 
+    # -- one run at a time in --out: process 0 holds its lock for every process, to the end ---------------
+    try:
+        held = lock.acquire(out) if master else None
+    except lock.LockError as e:
+        error(str(e))
+        return e.status
+
     # -- the processes ---------------------------------------------------------------------------------
     try:
         rank, world, device = setup_distributed(args.device, args.ddp_timeout)
     except RuntimeError as e:
+        if held is not None:
+            held.release()
         if not is_collective_failure(e):
             raise
         error(f"the processes did not all meet within --ddp-timeout {args.ddp_timeout:g} min ({str(e).strip()[:300]})")
@@ -467,6 +480,8 @@ def main(argv=None) -> int:
         gc.collect()
         if world > 1 and not broken:
             dist.destroy_process_group()
+        if held is not None:
+            held.release()
     return status
 
 

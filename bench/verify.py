@@ -24,7 +24,8 @@ share): diffusers' converters for the LDM single file and the official ControlNe
 for diffusers and transformers folders, diffusers' IP-Adapter loader. The oracles are test-only
 dependencies (requirements-dev.txt), imported by this command and the tests alone. The configs of an
 SD single file are SD v1.5's unless --config (train.py's and sample.py's JSON) says otherwise; a
-diffusers folder carries its own.
+diffusers folder carries its own. A pixel-space base (a tiny run's `"vae": "pixel"`) is refused before
+anything loads (status 2): every row compares against diffusers' SD pipeline and its parts, which need a VAE.
 
 Memory: every model is loaded on the CPU (about 24 GB in fp32 with every file given) and each pair
 runs on --device for its rows only (at most about 12 GB in fp32: the IP-Adapter's two U-Nets and
@@ -139,7 +140,27 @@ def problems(args) -> list[str]:
         out.append(f"--size {args.size}: expected a positive multiple of 8 (the VAE's downscale)")
     if args.steps < 1:
         out.append(f"--steps {args.steps}: expected at least 1")
+    if args.weights and Path(args.weights).exists() and not (args.config and not Path(args.config).exists()):
+        out += base_problems(args)
     return out
+
+
+def base_problems(args) -> list[str]:
+    """What the base's configs (--config's, a diffusers folder's, else SD v1.5's; read without loading any
+    weights) say against verifying it: a config that cannot be read, or a pixel-space base (the tiny
+    preset's, `"vae": "pixel"`). Every row compares against diffusers' StableDiffusionPipeline and its
+    parts, which have no pixel-space counterpart, so such a base is refused rather than half verified."""
+    from diffusion.sd15 import model_configs
+    from vae import PixelSpaceConfig
+    try:
+        configs = model_configs(args.weights, args.config)
+    except ValueError as e:
+        return [str(e)]
+    if isinstance(configs["vae"], PixelSpaceConfig):
+        return [f"--weights {args.weights}: a pixel-space base (\"vae\": \"pixel\" in {configs['sources']['vae']}, "
+                f"as the tiny preset's); bench.verify compares an SD v1.5 base with a VAE against diffusers' "
+                f"pipeline, which has no pixel-space counterpart"]
+    return []
 
 
 def import_oracles() -> str | None:

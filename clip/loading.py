@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common.weights import (CheckpointError, config_beside, detect_layout, load_strict, read_header, read_tensors,
-                            resolve_file)
+from common.weights import (CheckpointError, FieldError, config_beside, detect_layout, load_strict, read_header,
+                            read_tensors, resolve_file, shown)
 from .model import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 SD_TEXT_PREFIX = "cond_stage_model.transformer."
@@ -59,8 +59,10 @@ def load_text_encoder(path: str | Path, cfg: CLIPTextConfig | None = None, *, de
     keys, rename = _text_keys(file, keys, layout)
     if cfg is None:
         found = config_beside(file) if layout != "sd-single-file" else None
-        found = (found or {}).get("text_config", found)
-        cfg = CLIPTextConfig.from_hf(found) if found else CLIPTextConfig.vit_l14()
+        nested = isinstance(found, dict) and "text_config" in found
+        found = found["text_config"] if nested else found
+        cfg = (_from_file(CLIPTextConfig, found, file.parent / "config.json", "text_config." if nested else "")
+               if found else CLIPTextConfig.vit_l14())
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     state = read_tensors(file, keys, rename=rename, device=device, dtype=dtype)
@@ -82,9 +84,11 @@ def load_clip(path: str | Path, text_cfg: CLIPTextConfig | None = None, vision_c
                               f"logit_scale)")
     found = config_beside(file)
     if found is not None and (text_cfg is None or vision_cfg is None):
+        source = file.parent / "config.json"
+        text, vision = (_part(found, name, source) for name in ("text_config", "vision_config"))
         projection = {"projection_dim": found.get("projection_dim", 512)}  # CLIPConfig's own default
-        text_cfg = text_cfg or CLIPTextConfig.from_hf({**found.get("text_config", {}), **projection})
-        vision_cfg = vision_cfg or CLIPVisionConfig.from_hf({**found.get("vision_config", {}), **projection})
+        text_cfg = text_cfg or _from_file(CLIPTextConfig, {**text, **projection}, source, "text_config.")
+        vision_cfg = vision_cfg or _from_file(CLIPVisionConfig, {**vision, **projection}, source, "vision_config.")
     text_cfg = text_cfg or CLIPTextConfig.vit_l14()
     vision_cfg = vision_cfg or CLIPVisionConfig.vit_l14()
     with torch.device("meta"):
@@ -92,6 +96,30 @@ def load_clip(path: str | Path, text_cfg: CLIPTextConfig | None = None, vision_c
     state = read_tensors(file, keys, device=device, dtype=dtype)
     load_strict(model, state, source=str(file), layout=layout)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _checked(cls, values, source: str | Path, key: str = "") -> dict:
+    """`cls.checked(values, key)` with errors naming the file `source`."""
+    try:
+        return cls.checked(values, key)
+    except FieldError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _from_file(cls, values, source: str | Path, key: str = ""):
+    """`cls` (CLIPTextConfig or CLIPVisionConfig) from a transformers config dict read from
+    `source`, its values checked first (`_checked`)."""
+    return cls.from_hf(_checked(cls, values, source, key))
+
+
+def _part(found, name: str, source: str | Path) -> dict:
+    """Entry `name` (text_config, vision_config) of a CLIPConfig dict; {} when it has none."""
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{source}: holds {shown(found)}; expected a JSON object (a transformers CLIPConfig)")
+    part = found.get(name, {})
+    if not isinstance(part, dict):
+        raise CheckpointError(f"{source}: '{name}' is {shown(part)}; expected a JSON object (a CLIPConfig's {name})")
+    return part
 
 
 def _is_text_side(key: str) -> bool:
@@ -145,6 +173,9 @@ def _vision_config_from_json(found, source: str | Path = "config.json") -> CLIPV
     if isinstance(cfg.layer_norm_eps, bool) or not isinstance(cfg.layer_norm_eps, (int, float)) \
             or not cfg.layer_norm_eps > 0:
         raise CheckpointError(f"{source}: layer_norm_eps {cfg.layer_norm_eps!r}, expected a positive number")
+    # Then the bounds every CLIP config read from a file has (a layer count of 10^7 would build for hours).
+    nested = "vision_config" in found or model_type == "clip"
+    _checked(CLIPVisionConfig, vars(cfg), source, "vision_config." if nested else "")
     return cfg
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.attention import attention, merge_heads, split_heads
+from common.weights import FieldError, check_fields
 
 
 # transformers' own defaults, which its config.json files leave out when a value equals them.
@@ -33,6 +34,25 @@ _HF_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=20
 _HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=224, patch_size=32, layer_norm_eps=1e-5, projection_dim=512,
                            num_channels=3, hidden_act="quick_gelu")
+
+
+# Bounds of the values a file may give (CLIPTextConfig.checked, CLIPVisionConfig.checked): generous; ViT-H/14:
+# width 1280, 32 layers.
+CLIP_LIMITS = dict(vocab_size=(1, 1_000_000), hidden_size=(1, 65536), intermediate_size=(1, 262144),
+                   num_hidden_layers=(1, 128), num_attention_heads=(1, 1024), max_position_embeddings=(1, 65536),
+                   layer_norm_eps=(0, 1), projection_dim=(1, 65536), image_size=(1, 65536), patch_size=(1, 65536),
+                   num_channels=(1, 64))
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def _checked(cls, values, key: str) -> dict:
+    """`values` (a transformers config dict read from a file) checked as `cls`'s fields; keys we do
+    not read are left out. FieldError for the first that is not of its type or within CLIP_LIMITS."""
+    values = check_fields(cls, values, key=key, limits=CLIP_LIMITS, choices={"hidden_act": ACTIVATIONS}, unknown=True)
+    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        raise FieldError(key + "num_attention_heads", heads, f"a divisor of hidden_size {hidden}")
+    return values
 
 
 def _from_hf(cls, d: dict, defaults: dict):
@@ -63,6 +83,12 @@ class CLIPTextConfig:
     def from_hf(cls, d: dict) -> "CLIPTextConfig":
         """From a transformers CLIPTextConfig dict (`text_encoder/config.json` or `text_config`)."""
         return _from_hf(cls, d, _HF_TEXT_DEFAULTS)
+
+    @classmethod
+    def checked(cls, values, key: str = "") -> dict:
+        """The fields of a transformers text config dict read from a file, type-checked and bounded
+        (`_checked`); FieldError (keys prefixed by `key`) for the first that is not."""
+        return _checked(cls, values, key)
 
 
 @dataclass
@@ -95,6 +121,12 @@ class CLIPVisionConfig:
     def from_hf(cls, d: dict) -> "CLIPVisionConfig":
         """From a transformers CLIPVisionConfig dict (`vision_config` of a CLIPModel config.json)."""
         return _from_hf(cls, d, _HF_VISION_DEFAULTS)
+
+    @classmethod
+    def checked(cls, values, key: str = "") -> dict:
+        """The fields of a transformers vision config dict read from a file, type-checked and bounded
+        (`_checked`); FieldError (keys prefixed by `key`) for the first that is not."""
+        return _checked(cls, values, key)
 
 
 def _activation(name: str):

@@ -7,8 +7,10 @@ Steps:
   1. filter: drop images carrying an unwanted tag, images without exactly one character tag or
      carrying a multi-character tag (2girls, multiple_boys, 6+girls, ...), without exactly one
      artist tag, without a clothing tag (no general tag in the cloth vocabulary), whose image file
-     is missing, or without a VQA answer, a mask or a face box. Each dropped image is counted once,
-     under the first reason (in the order of ``DROP_REASONS``).
+     is missing, or without a VQA answer, a mask or a face box; then images whose file is not the
+     size the metadata gives, whose face box is not finite, empty, inverted or not inside the image, or
+     whose mask is not a readable image of the image's size (what data.validate would refuse).
+     Each dropped image is counted once, under the first reason (in the order of ``DROP_REASONS``).
   2. group the survivors by (character, artist);
   3. inside a group, images whose VQA answers ("top two colours of the character's clothes") match
      exactly after normalising case and whitespace are candidate links; order matters, so
@@ -33,16 +35,20 @@ and three PIL-drawn bar charts ``OUT/stats_references.png``, ``OUT/stats_charact
 recall of the ``similar`` relation over the kept samples are added to the stats. Every file is
 written under a temporary name and renamed, so a full disk leaves no partial file. When no sample
 is kept (no image listed, none found under the root, all dropped) nothing is written, so an
-earlier build in OUT stays as it was, and the command exits with status 1 naming the root.
+earlier build in OUT stays as it was, and the command exits with status 1 naming the root. An OUT
+that is a file (or lies under one) is refused before anything is read (status 2). No NaN or
+Infinity is ever written (not JSON).
 
-Runtime dependencies: the standard library, numpy and PIL only. Only images that have a candidate
-link (after rule a) are opened, once each, to hash them; one that cannot be read is dropped as
-"no_image".
+Runtime dependencies: the standard library, numpy and PIL only. Every image that passes the tag
+and file filters has its header read (its size) and its mask decoded; only images that have a
+candidate link (after rule a) are decoded, once each, to hash them; one that cannot be read is
+dropped as "no_image".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -52,7 +58,7 @@ from itertools import combinations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from common.images import WriteError, to_rgb, write_atomically
+from common.images import WriteError, open_image, to_rgb, write_atomically
 from common.jsonl import read_objects
 
 DEFAULT_DROP_TAGS = (
@@ -73,11 +79,14 @@ DROP_REASONS = (
     "not_single_character",  # != 1 character tag, or a multi-character general tag
     "not_single_artist",   # != 1 artist tag (needed for the (character, artist) grouping)
     "no_cloth_tag",        # no general tag in the clothing vocabulary
-    "no_image",            # image file missing under root (or unreadable or of a mode the loader refuses,
-                           # when it is hashed)
+    "no_image",            # image file missing under root, or unreadable (found when its size is read, after
+                           # the checks up to no_face_box, or when it is hashed: a mode the loader refuses too)
     "no_vqa_answer",       # no (or empty) answer
     "no_mask",             # <masks>/<id>.png missing
     "no_face_box",         # no face box line
+    "size_mismatch",       # the image file's size is not the metadata's width x height
+    "bad_face_box",        # a face box coordinate not finite, or the box empty / inverted / not inside the image
+    "bad_mask",            # the mask is not a readable image (as the loader reads it) of the image's size
     "no_link",             # survived the filters (and the hash) but kept no link (see LINK_RULES)
 )
 
@@ -214,6 +223,8 @@ def _load_metadata(path):
                 raise BuildError(f"{path}:{n}: field {k!r} must be a positive integer")
         if not isinstance(obj["image"], str) or not obj["image"]:
             raise BuildError(f"{path}:{n}: field 'image' must be a non-empty string")
+        if isinstance(obj["id"], float) and not math.isfinite(obj["id"]):   # it is written back
+            raise BuildError(f"{path}:{n}: field 'id' is {obj['id']}, expected a string or a finite number")
         k = _key(obj["id"])
         if k in seen:
             raise BuildError(f"{path}:{n}: duplicate id {obj['id']!r} (first on line {seen[k]})")
@@ -250,6 +261,38 @@ def _load_boxes(path):
     return out
 
 
+def box_inside(box, width, height) -> bool:
+    """Whether [x0, y0, x1, y1] is finite, non-empty and inside a width x height image (the
+    validator's face box rule: 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)."""
+    if any(isinstance(v, float) and not math.isfinite(v) for v in box):
+        return False
+    x0, y0, x1, y1 = box
+    return 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+
+def _file_problem(row, image_path, mask_path, box):
+    """(drop reason, what is wrong) for a sample whose image file, face box or mask disagrees with
+    its metadata, or (None, "") when they agree. Only the image's header is read; the mask is
+    decoded as the loader decodes it (common.images.open_image)."""
+    size = (row["width"], row["height"])
+    try:
+        with Image.open(image_path) as im:
+            actual = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return "no_image", f"cannot read {image_path} ({e})"
+    if actual != size:
+        return "size_mismatch", f"{image_path} is {actual[0]}x{actual[1]}, the metadata says {size[0]}x{size[1]}"
+    if not box_inside(box, *size):
+        return "bad_face_box", f"face box {box} of {image_path} is not inside its {size[0]}x{size[1]} pixels"
+    try:
+        mask = open_image(mask_path, "mask", grey=True)
+    except ValueError as e:
+        return "bad_mask", str(e)
+    if mask.size != size:
+        return "bad_mask", f"mask {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {size[0]}x{size[1]}"
+    return None, ""
+
+
 def _load_truth(path):
     return {_key(obj["id"]): obj["identity"] for _, obj in _read_jsonl(path, ("id", "identity"))}
 
@@ -264,6 +307,18 @@ def _load_cloth_tags(path):
 
 
 # ----------------------------------------------------------------------------------------- build
+
+def _out_problem(out):
+    """Why ``out`` cannot be the output folder (it, or the nearest of its parents that exists, is not
+    a folder), or None."""
+    path = os.path.abspath(out)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return None
+    where = "is not a folder" if path == os.path.abspath(out) else f"lies under {path}, not a folder"
+    return f"--out {out} {where}; expected a folder or a path that does not exist yet"
+
 
 def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
           drop_tags=DEFAULT_DROP_TAGS, question=None, log=None, max_similar=None) -> dict:
@@ -287,6 +342,9 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
     root = os.fspath(root)
     if not os.path.isdir(masks):
         raise BuildError(f"{masks}: mask folder does not exist")
+    problem = _out_problem(out)
+    if problem:
+        raise BuildError(problem)
     drop = set(drop_tags)
 
     rows = _load_metadata(metadata)
@@ -298,7 +356,7 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
         f"{len(cloth_vocab)} cloth tags")
 
     dropped = {r: 0 for r in DROP_REASONS}
-    candidates = []
+    candidates, told = [], set()
     for row in rows:
         k = _key(row["id"])
         general = row["general_tags"]
@@ -321,7 +379,10 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
         elif k not in face_boxes:
             reason = "no_face_box"
         else:
-            reason = None
+            reason, why = _file_problem(row, image_path, mask_path, face_boxes[k])
+            if reason and reason not in told:   # a wrong metadata column would log every image
+                told.add(reason)
+                say(f"{why}; dropped as {reason} (the first such; the stats count them all)")
         if reason:
             dropped[reason] += 1
             continue
@@ -426,10 +487,14 @@ def build(metadata, vqa, cloth_tags, masks, boxes, out, root=None, truth=None,
     if not samples:   # nothing is written: an earlier build in `out` stays as it was
         say(f"kept no sample; nothing written to {out}")
         return stats
-    os.makedirs(out, exist_ok=True)
-    _write_text(os.path.join(out, "annotations.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n"
-                                                                for s in samples))
-    _write_text(os.path.join(out, "stats.json"), json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:   # made a file, or read-only, since the check above
+        raise WriteError(out, e) from None
+    _write_text(os.path.join(out, "annotations.jsonl"),
+                "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples))
+    _write_text(os.path.join(out, "stats.json"),
+                json.dumps(stats, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     bar_chart(os.path.join(out, "stats_references.png"),
               "Same-identity references per sample",
               [str(n) for n in sorted(ref_hist)], [ref_hist[n] for n in sorted(ref_hist)],

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, load_text_encoder
-from common.weights import CheckpointError
+from common.weights import CheckpointError, FieldError, check_fields
 from unet import UNet, UNetConfig, config_from_diffusers, load_unet
 from vae import AutoencoderKL, PixelSpace, PixelSpaceConfig, VAEConfig, load_vae
 from .samplers import SAMPLERS, make_sampler
-from .schedule import NoiseSchedule
+from .schedule import PREDICTIONS, NoiseSchedule
 
 LATENT_SCALE = 0.18215  # LDM's scale_factor: latents = 0.18215 * vae.encode(x).sample()
 
@@ -64,7 +64,9 @@ def load_configs(path: str | Path) -> dict:
     for unet/vae, transformers names for the text encoder); any part may be left out. `"vae": "pixel"`
     means no autoencoder: the model diffuses pixels (the tiny training preset); `"schedule"`
     ({"beta_start", "beta_end", "num_train_timesteps", "prediction"}) replaces SD's noise schedule
-    and says what the U-Net predicts."""
+    and says what the U-Net predicts. A config is a file one downloads: every value is type-checked
+    and bounded before anything is built from it (each config's `checked`); ValueError naming the
+    file, the key, the value and what was expected."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -76,14 +78,49 @@ def load_configs(path: str | Path) -> dict:
     unknown = set(raw) - {"unet", "vae", "text_encoder", "schedule"}
     if unknown:
         raise ValueError(f"{path}: unknown parts {sorted(unknown)}; expected unet, vae, text_encoder, schedule")
-    try:
-        return {"unet": UNetConfig(**raw["unet"]) if "unet" in raw else None,
-                "vae": (PixelSpaceConfig() if raw.get("vae") == "pixel" else
-                        VAEConfig(**raw["vae"]) if "vae" in raw else None),
-                "text_encoder": CLIPTextConfig.from_hf(raw["text_encoder"]) if "text_encoder" in raw else None,
-                "schedule": NoiseSchedule(**raw["schedule"]) if "schedule" in raw else None}
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: bad config field ({e})") from None
+    out = {}
+    for part, read in _CONFIG_READERS.items():
+        try:
+            out[part] = read(raw[part]) if part in raw else None
+        except FieldError as e:
+            raise ValueError(f"{path}: the {part} config cannot be built ({e.kind}: {e})") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: bad config field ({e})") from None
+    return out
+
+
+def _vae_config(value) -> VAEConfig | PixelSpaceConfig:
+    if value == "pixel":
+        return PixelSpaceConfig()
+    if not isinstance(value, dict):
+        raise FieldError("vae", value, "a JSON object or 'pixel' (no autoencoder)", "TypeError")
+    return VAEConfig(**VAEConfig.checked(value, "vae."))
+
+
+# The schedule's bounds beyond _schedule_problems' (which wants at least 2 timesteps): its tables have one
+# entry per training timestep.
+SCHEDULE_LIMITS = {"num_train_timesteps": (None, 1_000_000)}
+
+
+def _schedule(value) -> NoiseSchedule:
+    return NoiseSchedule(**check_fields(NoiseSchedule, value, key="schedule.", limits=SCHEDULE_LIMITS,
+                                        choices={"prediction": PREDICTIONS}))
+
+
+# How load_configs reads each part of a --config file, checked first.
+_CONFIG_READERS = {
+    "unet": lambda value: UNetConfig(**UNetConfig.checked(value, "unet.")),
+    "vae": _vae_config,
+    "text_encoder": lambda value: CLIPTextConfig.from_hf(CLIPTextConfig.checked(value, "text_encoder.")),
+    "schedule": _schedule,
+}
+
+
+def _text_config_from_json(d) -> CLIPTextConfig:
+    """A diffusers folder's text_encoder/config.json (a CLIPTextConfig, or a CLIPConfig's text_config), checked."""
+    nested = isinstance(d, dict) and "text_config" in d
+    return CLIPTextConfig.from_hf(CLIPTextConfig.checked(d["text_config"] if nested else d,
+                                                         "text_config." if nested else ""))
 
 
 def model_configs(weights: str | Path, config: str | Path | None = None) -> dict:
@@ -94,7 +131,7 @@ def model_configs(weights: str | Path, config: str | Path | None = None) -> dict
     from vae import config_from_diffusers as vae_from_diffusers
     given = load_configs(config) if config else {}
     parts = {"unet": (config_from_diffusers, UNetConfig.sd15), "vae": (vae_from_diffusers, VAEConfig.sd15),
-             "text_encoder": (lambda d: CLIPTextConfig.from_hf(d.get("text_config", d)), CLIPTextConfig.vit_l14)}
+             "text_encoder": (_text_config_from_json, CLIPTextConfig.vit_l14)}
     out, sources = {}, {}
     for part, (from_json, default) in parts.items():
         if given.get(part) is not None:
@@ -106,7 +143,8 @@ def model_configs(weights: str | Path, config: str | Path | None = None) -> dict
             try:
                 out[part], sources[part] = from_json(json.loads(path.read_text())), str(path)
             except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"{path}: not a valid {part} config ({type(e).__name__}: {e})") from None
+                kind = e.kind if isinstance(e, FieldError) else type(e).__name__
+                raise ValueError(f"{path}: not a valid {part} config ({kind}: {e})") from None
     out["schedule"] = given.get("schedule") or NoiseSchedule.sd15()
     sources["schedule"] = str(config) if given.get("schedule") else None
     return {**out, "sources": sources}

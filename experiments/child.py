@@ -1,4 +1,5 @@
-"""Running train.py under an experiment, with the experiment's SIGINT / SIGTERM passed on to it."""
+"""Running train.py under an experiment, with the experiment's SIGINT / SIGTERM passed on to it, and
+what train.py would refuse in its command, found before the experiment writes anything."""
 from __future__ import annotations
 
 import signal
@@ -7,6 +8,32 @@ import sys
 from typing import Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def train_problems(command: list[str], samples: int, made_of: str) -> list[str]:
+    """What train.py would refuse in `command` (recipe.train_command) before its --data is made:
+    its arguments as its own parser and checks read them (the data roots, not made yet, left out),
+    and a --batch-size (given in --train-args, else the preset's) above the `samples` its --data will
+    hold (`made_of` says from which options). One line each; nothing is written."""
+    import contextlib
+    import io
+
+    from training import args as cli
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            args = cli.parse_args(command[2:])
+    except SystemExit:
+        last = said.getvalue().strip().splitlines()[-1:] or ["its parser stopped"]
+        return [f"--train-args: train.py would refuse the run: {last[0]}"]
+    args.data = args.val_data = None
+    problems = [f"--train-args: train.py would refuse the run: {p}" for p in cli.check_args(args)]
+    if args.batch_size > samples:
+        given = (f"--train-args --batch-size {args.batch_size}" if "batch_size" in args.explicit
+                 else f"the {args.preset} preset's --batch-size {args.batch_size} (none in --train-args)")
+        problems.append(f"{given}: one micro-batch takes {args.batch_size} samples, but the training data will hold "
+                        f"{samples} ({made_of}); give a smaller --batch-size in --train-args, or make more data")
+    return problems
 
 
 def run_child(command: list[str], notice: Optional[str] = None) -> tuple[int, int]:

@@ -32,18 +32,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
 from pathlib import Path
 
 from . import recipe
-from .child import SIGNALS, run_child
+from .child import SIGNALS, run_child, train_problems
 from .recipe import make_datasets, real_image, resolutions, train_command
 
 STEPS_PER_MINUTE = 180  # training steps of the demo's settings per minute on an idle 2-core CPU (BENCHMARKS.md)
 DEFAULTS = {**recipe.DEFAULTS, "backgrounds": "scene", "prompt": "scene", "guidance": 1.0, "ref_background": "white",
             "hats": False, "minutes": 10.0, "ref_guidance": 2.0}
+MAX_MINUTES = 24 * 60   # a day; make demo trains for 10
+# The counts' ranges: identification needs two held-out identities (and the reference effect another
+# identity's references); the upper bounds only catch a slip of the keyboard. --steps has none: --minutes
+# ends training.
+COUNTS = {"identities": (1, 10_000), "images_per_identity": (2, 1_000), "heldout": (2, 1_000), "samples": (1, 1_000),
+          "steps": (1, None)}
+SEED_LIMIT = 2 ** 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,9 +100,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                     help="extra train.py arguments (everything after this flag)")
     args = ap.parse_args(argv)
-    if args.steps is None:
+    minutes_ok = math.isfinite(args.minutes) and 0 < args.minutes <= MAX_MINUTES
+    if args.steps is None and minutes_ok:
         args.steps = max(1, round(STEPS_PER_MINUTE * args.minutes))
+    problems = option_problems(args, minutes_ok)
+    if problems:
+        ap.error("; ".join(problems))
     return args
+
+
+def option_problems(args: argparse.Namespace, minutes_ok: bool) -> list[str]:
+    """Every problem with the arguments, found before anything is written: ranges, finite numbers,
+    what the synthetic generator takes, the sampler's step limit, --out, and (unless --sample-only)
+    what train.py would refuse in the run's command."""
+    from data.synthetic.generator import _check_args as generator_check
+    from diffusion.sd15 import steps_limit
+    from training.presets import tiny_configs
+    problems = [] if minutes_ok else [f"--minutes {args.minutes}: expected a number of minutes > 0 and at most "
+                                      f"{MAX_MINUTES} (a day)"]
+    for name, (low, high) in COUNTS.items():
+        value = getattr(args, name)
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            problems.append(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}"
+                            + (f" and <= {high}" if high is not None else ""))
+    if not 0 <= args.seed < SEED_LIMIT:
+        problems.append(f"--seed {args.seed}: expected an integer >= 0 and < 2^32")
+    for name in ("guidance", "ref_guidance"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
+    limit = steps_limit(args.sampler, tiny_configs()["schedule"].num_train_timesteps)
+    if not 1 <= args.sample_steps <= limit:
+        problems.append(f"--sample-steps {args.sample_steps}: expected an integer >= 1 and <= {limit} (the "
+                        f"{args.sampler} sampler's limit on the tiny stack's schedule)")
+    if not problems:
+        try:   # the training data as data.synthetic will make it (the held-out set differs only in its counts)
+            generator_check(args.identities, args.images_per_identity, args.size, args.seed, 0.0, 0.0,
+                            "mixed" if args.backgrounds == "scene" else args.backgrounds, tuple(args.figure_scale))
+        except ValueError as e:
+            problems.append(f"--{e}")
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {args.out}: is a file, expected a folder")
+    if not problems and not args.sample_only:
+        problems += train_problems(run_command(out, args), args.identities * args.images_per_identity,
+                                   f"--identities {args.identities} x --images-per-identity {args.images_per_identity}")
+    return problems
+
+
+def run_command(out: Path, args: argparse.Namespace) -> list[str]:
+    """train.py's command for the demo's run, out/run, on the data in `out` (resuming when it has
+    checkpoints). The cosine schedule runs once over the step budget, so the learning rate ends near 0."""
+    run = out / "run"
+    return train_command(
+        "--data", str(out / "data-train"), "--out", str(run), "--ref-drop", "0.1", "--ref-background",
+        args.ref_background, "--max-steps", str(args.steps), "--restart-every", str(args.steps), "--time-limit",
+        str(args.minutes), "--log-every", "25", "--save-every", "250", "--val-every", "500", "--val-data",
+        str(out / "data-heldout"), "--seed", str(args.seed), resume=(run / "checkpoints").is_dir(),
+        train_args=args.train_args)
 
 
 def heldout_references(root: Path) -> list[tuple[str, list[Path], dict]]:
@@ -239,6 +301,12 @@ def main(argv=None) -> int:
 
 def run_demo(args: argparse.Namespace, stop: Stop) -> int:
     out = Path(args.out).resolve()
+    run = out / "run"
+    from training.checkpoints import checkpoint_dirs, read_state
+    if args.sample_only and not checkpoint_dirs(run):  # before anything is written
+        print(f"demo: --sample-only: no checkpoint in {run / 'checkpoints'}; run the demo without it first",
+              file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     from data.synthetic.identity_score import score
@@ -249,21 +317,10 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
         f"generating {{name}}: {{n}} identities x {{per}} images, {args.backgrounds} backgrounds",
         backgrounds="mixed" if scene else args.backgrounds, figure_scale=tuple(args.figure_scale), hats=args.hats,
         scene=scene)
-    run = out / "run"
 
     t_train = time.perf_counter()
-    # The cosine schedule runs once over the step budget, so the learning rate ends near 0.
-    command = train_command(
-        "--data", str(train_root), "--out", str(run), "--ref-drop", "0.1", "--ref-background", args.ref_background,
-        "--max-steps", str(args.steps), "--restart-every", str(args.steps), "--time-limit", str(args.minutes),
-        "--log-every", "25", "--save-every", "250", "--val-every", "500", "--val-data", str(heldout_root),
-        "--seed", str(args.seed), resume=(run / "checkpoints").is_dir(), train_args=args.train_args)
-    from training.checkpoints import checkpoint_dirs, read_state
+    command = run_command(out, args)
     if args.sample_only:
-        if not checkpoint_dirs(run):
-            print(f"demo: --sample-only: no checkpoint in {run / 'checkpoints'}; run the demo without it first",
-                  file=sys.stderr)
-            return 2
         print(f"demo: --sample-only: sampling the last checkpoint of {run}", file=sys.stderr)
     else:
         status, signalled = run_child(command, notice="demo: {signal} received; train.py saves at its next step "
@@ -275,6 +332,10 @@ def run_demo(args: argparse.Namespace, stop: Stop) -> int:
             print(f"demo: stopped by {stop.name} during training (train.py status {status}; {where}); no report. "
                   f"Run the same command again to resume training, then sample and report", file=sys.stderr)
             return 128 + stop.signal
+        if status == 2:  # its checks (the run's own were made before the data): --train-args, or --out in use
+            print(f"demo: train.py refused to start (status 2; its error above says why): fix --train-args as it "
+                  f"says, or wait for the run it names in {run} to end", file=sys.stderr)
+            return 2
         if status != 0:
             print(f"demo: training failed (status {status}); see {run}", file=sys.stderr)
             return status

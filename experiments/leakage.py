@@ -51,6 +51,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -59,13 +60,14 @@ from pathlib import Path
 import numpy as np
 
 from . import recipe
-from .child import run_child
+from .child import run_child, train_problems
 from .recipe import make_datasets, real_image, resolutions, train_command
 
 METHODS = ("retrinet", "controlnet", "ip-adapter")
 SETTINGS = ("a", "b")
 IP_SCALES = (0.25, 0.5, 0.75, 1.0)   # Fig. 3's sweep
 DEFAULTS = {**recipe.DEFAULTS, "steps": 500, "guidance": 7.0, "ip_scale": 0.5, "seeds": (0, 1, 2), "data_seed": 0}
+SEED_LIMIT = 2 ** 32   # seeds beyond it are beyond torch's generator once multiplied by 1000 (sample_images)
 IDENTITY_SCORES = ("identification", "exact", "hair", "top", "bottom")
 # The per-sample measures every row reports (means over samples, then mean and spread over seeds).
 MEASURES = ("identification", "prompt_background", "prompt_arms", "copies_background", "joint", "clip_i", "clip_t")
@@ -75,7 +77,12 @@ LABELS = {"identification": "identification", "prompt_background": "prompt backg
 
 
 class LeakageError(Exception):
-    """A run or an output folder that cannot be used as asked (main prints it in one line, status 1)."""
+    """A run or an output folder that cannot be used as asked (main prints it in one line, with
+    `status`: 1, or 2 when train.py refused to start)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 class Stopped(LeakageError):
@@ -129,7 +136,43 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not (math.isfinite(value) and value >= 0):
             ap.error(f"--{name} must be a finite number >= 0, got {value}")
     args.methods, args.settings = list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.settings))
+    problems = later_problems(args)
+    if problems:
+        ap.error("; ".join(problems))
     return args
+
+
+def later_problems(args: argparse.Namespace) -> list[str]:
+    """What would stop the benchmark after it has begun writing, found before: sampling steps beyond
+    the sampler's limit, seeds beyond torch's generator (a sample's seed is 1000 x the training
+    seed + its entry), data the synthetic generator refuses (its minimum size), an --out that is a
+    file, and what train.py would refuse in each method's command (its --train-args; a --batch-size
+    above the training samples)."""
+    from data.synthetic.generator import _check_args as generator_check
+    from diffusion.sd15 import steps_limit
+    from training.presets import tiny_configs
+    limit = steps_limit(args.sampler, tiny_configs()["schedule"].num_train_timesteps)
+    if args.sample_steps > limit:
+        return [f"--sample-steps must be <= {limit} (the {args.sampler} sampler's limit on the tiny stack's "
+                f"schedule), got {args.sample_steps}"]
+    if max(args.seeds) >= SEED_LIMIT or args.data_seed >= SEED_LIMIT:
+        return [f"--seeds and --data-seed must be < 2^32, got {' '.join(map(str, args.seeds))} and {args.data_seed}"]
+    try:
+        generator_check(args.identities, args.images_per_identity, args.size, args.data_seed, 0.0, 0.0,
+                        figure_scale=DEFAULTS["figure_scale"])
+    except ValueError as e:
+        return [f"--{e}".replace("--seed ", "--data-seed ")]
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        return [f"--out {args.out} is a file, expected a folder"]
+    problems = []
+    setting, seed = args.settings[0], args.seeds[0]
+    for method in args.methods:
+        run = out / "runs" / run_name(method, setting, seed)
+        problems += train_problems(run_command(run, method, setting, seed, out / "data-train", args, resume=True),
+                                   args.identities * args.images_per_identity,
+                                   f"--identities {args.identities} x --images-per-identity {args.images_per_identity}")
+    return list(dict.fromkeys(problems))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,14 +183,45 @@ def make_data(out: Path, args) -> tuple[Path, Path]:
     """The training and held-out scene datasets (generated once; other seeds, other identities)."""
     settings = {k: getattr(args, k) for k in ("identities", "images_per_identity", "heldout", "size", "data_seed")}
     saved = out / "data.json"
-    if saved.is_file() and json.loads(saved.read_text()) != settings:
-        made = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in json.loads(saved.read_text()).items())
-        raise LeakageError(f"{out} holds data made with {made}; use another --out for other data")
+    if saved.is_file():
+        made = read_record(saved, lambda r: True)
+        if made is None:   # then nothing says what data-train/ and data-heldout/ are
+            raise LeakageError(f"{saved}: cannot read it (truncated or corrupt), so the data in {out} cannot be "
+                               f"checked against these arguments; delete it with data-train/ and data-heldout/ (they "
+                               f"are made again from the arguments), or use another --out")
+        if made != settings:
+            made = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in made.items())
+            raise LeakageError(f"{out} holds data made with {made}; use another --out for other data")
     roots = make_datasets(out, args.identities, args.images_per_identity, args.heldout, args.size, args.data_seed,
                           "leakage: generating {name}: {n} identities x {per} scene images",
                           figure_scale=DEFAULTS["figure_scale"], hats=False, scene=True)
-    saved.write_text(json.dumps(settings))
+    write_record(saved, settings)
     return roots
+
+
+def read_record(path: Path, valid, redo: str | None = None) -> dict | None:
+    """The JSON object in `path` when there is one and `valid(it)`; else None. A file that is not
+    such an object (truncated by a kill, corrupt) is named in one line saying that `redo` happens
+    again (silently when `redo` is None)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and valid(record):
+            return record
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    if redo:
+        print(f"leakage: {path}: cannot read it (truncated or corrupt); {redo}", file=sys.stderr, flush=True)
+    return None
+
+
+def write_record(path: Path, record: dict, **options) -> None:
+    """`record` as JSON into `path`, written under a temporary name and renamed: a kill leaves the
+    old file or the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, **options))
+    os.replace(tmp, path)
 
 
 def run_name(method: str, setting: str, seed: int) -> str:
@@ -165,29 +239,31 @@ def schedule_options(method: str, steps: int) -> list[str]:
 def train_run(run: Path, method: str, setting: str, seed: int, train_root: Path, args) -> dict:
     """Train one run to --steps (resuming a stopped one); {"minutes": wall time of all its training}."""
     done = run / "done.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        if record.get("steps") == args.steps:
+    record = read_record(done, lambda r: isinstance(r["steps"], int) and math.isfinite(r["minutes"]),
+                         f"{run.name} is taken as not finished: training it (again, from its last checkpoint)")
+    if record is not None:
+        if record["steps"] == args.steps:
             print(f"leakage: {run.name}: trained ({args.steps} steps, {record['minutes']:.1f} min), reused",
                   file=sys.stderr, flush=True)
             return record
-        raise LeakageError(f"{run} was trained for {record.get('steps')} steps, not --steps {args.steps}; "
+        raise LeakageError(f"{run} was trained for {record['steps']} steps, not --steps {args.steps}; "
                            f"use another --out or the same --steps")
     from training.checkpoints import checkpoint_dirs
     resume = bool(checkpoint_dirs(run))
-    command = train_command(
-        "--method", method, "--setting", setting, "--data", str(train_root), "--out", str(run), "--max-steps",
-        str(args.steps), *schedule_options(method, args.steps), "--seed", str(seed), "--log-every", "50",
-        "--save-every", str(max(50, min(500, args.steps // 3))), "--keep", "1", resume=resume,
-        train_args=args.train_args)
+    command = run_command(run, method, setting, seed, train_root, args, resume)
     print(f"leakage: {run.name}: training {args.steps} steps{' (resuming)' if resume else ''}", file=sys.stderr, flush=True)
     wall = run / "wall.json"   # training minutes of earlier, stopped invocations
-    before = json.loads(wall.read_text())["minutes"] if wall.is_file() and resume else 0.0
+    earlier = read_record(wall, lambda r: math.isfinite(r["minutes"]),
+                          "its earlier training time counts as 0") if resume else None
+    before = earlier["minutes"] if earlier else 0.0
     start = time.perf_counter()
     status, signalled = run_child(command)
+    if status == 2 and not signalled:   # refused before writing anything: running it again would be refused too
+        raise LeakageError(f"training {run.name}: train.py refused to start (status 2; its error above says why): "
+                           f"fix --train-args as it says, or wait for the run it names in {run} to end", status=2)
     minutes = before + (time.perf_counter() - start) / 60
     run.mkdir(parents=True, exist_ok=True)
-    wall.write_text(json.dumps({"minutes": minutes}))
+    write_record(wall, {"minutes": minutes})
     saved = checkpoint_dirs(run)
     reached = int(saved[-1].name[5:]) if saved else 0
     if signalled or status != 0 or reached != args.steps:
@@ -196,8 +272,17 @@ def train_run(run: Path, method: str, setting: str, seed: int, train_root: Path,
         raise Stopped(f"training {run.name} stopped at step {reached} of {args.steps} ({why}); its checkpoints are "
                       f"in {run / 'checkpoints'}: run the same command again to resume", signalled)
     record = {"steps": args.steps, "minutes": round(minutes, 2)}
-    done.write_text(json.dumps(record))
+    write_record(done, record)
     return record
+
+
+def run_command(run: Path, method: str, setting: str, seed: int, train_root: Path, args, resume: bool) -> list[str]:
+    """train.py's command for one run of the benchmark."""
+    return train_command(
+        "--method", method, "--setting", setting, "--data", str(train_root), "--out", str(run), "--max-steps",
+        str(args.steps), *schedule_options(method, args.steps), "--seed", str(seed), "--log-every", "50",
+        "--save-every", str(max(50, min(500, args.steps // 3))), "--keep", "1", resume=resume,
+        train_args=args.train_args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,11 +412,13 @@ def evaluate(folder: Path, sd, model, method: str | None, plan: list[dict], attr
                 "guidance": args.guidance, "seed": seed, "scale": scale, "attributes": attributes,
                 "plan": [[e["prompt"], *(Path(p).name for p in e["references"])] for e in plan]}
     path = folder / "result.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            print(f"leakage: {folder.parent.name}/{folder.name}: evaluated, reused", file=sys.stderr, flush=True)
-            return saved
+    # Unreadable: not evaluated. Said once, when the model is here to evaluate it again (main calls
+    # first without it).
+    saved = read_record(path, lambda r: isinstance(r["settings"], dict) and isinstance(r["samples"], list),
+                        None if sd is None else "sampling and scoring it again")
+    if saved is not None and saved["settings"] == settings:
+        print(f"leakage: {folder.parent.name}/{folder.name}: evaluated, reused", file=sys.stderr, flush=True)
+        return saved
     if sd is None:
         return {}
     images = sample_images(sd, model, method, plan, seed, args, scale, f"{folder.parent.name}/{folder.name}")
@@ -350,7 +437,7 @@ def evaluate(folder: Path, sd, model, method: str | None, plan: list[dict], attr
     for r, ci, ct in zip(rows, clip_i, clip_t):
         r.update(clip_i=ci, clip_t=ct, clip_product=ci * ct)
     result = {"settings": settings, "n": len(rows), "samples": rows, **means(rows)}
-    path.write_text(json.dumps(result, indent=1))
+    write_record(path, result, indent=1)
     return result
 
 
@@ -648,7 +735,7 @@ def main(argv=None) -> int:
         return run_benchmark(args)
     except LeakageError as e:
         print(f"leakage: error: {e}", file=sys.stderr)
-        return 128 + e.signum if isinstance(e, Stopped) and e.signum else 1
+        return 128 + e.signum if isinstance(e, Stopped) and e.signum else e.status
 
 
 def run_benchmark(args: argparse.Namespace) -> int:

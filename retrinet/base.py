@@ -16,7 +16,7 @@ module holds the rest:
 * `save` / `load`: the added weights under the method's key prefix (plus SD's decoder when it
   trained, the whole U-Net with `train_base`), with the method, its config, the lock and the base
   U-Net's config in the safetensors metadata (entry "retrinet", for every method);
-* `SavedModel`: that metadata, read back.
+* `SavedModel`: that metadata, read back with every value type-checked and bounded.
 
 `retrinet.checkpoints` holds `METHODS` and `build_model`, the one place that turns a method's name
 into its model; it also tells what any file holds without building a model, and loads it.
@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.weights import CheckpointError, load_strict, read_header, read_tensors
+from common.weights import CheckpointError, FieldError, load_strict, read_metadata, read_tensors, shown
 from diffusion.sd15 import ClassifierFreeGuidance
 from unet import UNet, UNetConfig
 
@@ -202,10 +201,6 @@ class ReferenceUNet(nn.Module):
         if diff:
             raise CheckpointError(f"{path}: {cls.title} made for another base U-Net; differing config fields "
                                   f"(file, model): {diff}")
-        fields = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = set(saved.config) - fields
-        if unknown:
-            raise CheckpointError(f"{path}: unknown {cls.method} config fields {sorted(unknown)}")
         model = cls(unet, **saved.config, lock=saved.lock, train_base=saved.train_base)
         model.load_weights(path)
         return model
@@ -236,25 +231,63 @@ class SavedModel:
     train_base: bool
     unet_config: dict
 
+    ENTRIES = ("method", "config", "lock", "train_base", "unet_config")
+
     @classmethod
     def read(cls, path: str | Path) -> "SavedModel":
-        """From a file's metadata (clear errors otherwise)."""
+        """From a file's metadata, every value type-checked and bounded before anything is built from
+        it: the method's config by its `checked` (which knows the base U-Net: RetriNet's heads must
+        split its widths), the base U-Net's by `UNetConfig.checked`, the lock among the method's.
+        CheckpointError otherwise, one line naming the file, the key, the value and what was expected."""
+        from .checkpoints import METHODS  # which imports this module
         meta = file_metadata(path)
         if METADATA_KEY not in meta:
             raise CheckpointError(f"{path}: not a RetriNet checkpoint (no '{METADATA_KEY}' metadata)")
-        raw = json.loads(meta[METADATA_KEY])
-        missing = [k for k in ("method", "config", "lock", "train_base", "unet_config") if k not in raw]
+        try:
+            raw = json.loads(meta[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON ({e.msg} at character "
+                                  f"{e.pos}); expected the JSON object train.py writes") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is {shown(raw)}; expected a JSON object "
+                                  f"with {', '.join(cls.ENTRIES)}")
+        missing = [k for k in cls.ENTRIES if k not in raw]
         if missing:
             raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata lacks {', '.join(missing)}")
-        return cls(raw["method"], raw["config"], raw["lock"], raw["train_base"], raw["unet_config"])
+        bad = f"{path}: bad '{METADATA_KEY}' metadata:"
+        unknown = [k for k in raw if k not in cls.ENTRIES]
+        if unknown:
+            raise CheckpointError(f"{bad} '{unknown[0]}' is {shown(raw[unknown[0]])}; expected only the entries "
+                                  f"{', '.join(cls.ENTRIES)}")
+        method, lock, train_base = raw["method"], raw["lock"], raw["train_base"]
+        if not isinstance(method, str) or method not in METHODS:
+            raise CheckpointError(f"{path}: unknown method {shown(method)} in its '{METADATA_KEY}' metadata; expected "
+                                  f"one of {', '.join(METHODS)}")
+        model = METHODS[method]
+        if not isinstance(lock, str) or lock not in model.locks:
+            raise CheckpointError(f"{bad} 'lock' is {shown(lock)}; expected one of "
+                                  f"{', '.join(map(repr, model.locks))} ({model.title}'s locks)")
+        if not isinstance(train_base, bool):
+            raise CheckpointError(f"{bad} 'train_base' is {shown(train_base)}; expected true or false")
+        if train_base and lock != "none":
+            raise CheckpointError(f"{bad} 'train_base' is True; expected false with lock {lock!r} (train_base trains "
+                                  f"the whole U-Net, which a lock freezes in part)")
+        try:
+            unet_config = UNetConfig.checked(raw["unet_config"], "unet_config.")
+        except FieldError as e:
+            raise CheckpointError(f"{path}: bad base U-Net config in its metadata: {e}") from None
+        try:
+            config = model.config_class.checked(raw["config"], "config.", unet=UNetConfig(**unet_config))
+        except FieldError as e:
+            raise CheckpointError(f"{path}: bad {method} config in its metadata: {e}") from None
+        return cls(method, config, lock, train_base, unet_config)
 
 
 def file_metadata(path: str | Path) -> dict:
     """A safetensors file's metadata ({} when it has none), after `read_header`'s checks (existence,
-    suffix, truncation). Files written by `ReferenceUNet.save` hold METADATA_KEY; official ones do not."""
-    read_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    suffix, every tensor entry, truncation). Files written by `ReferenceUNet.save` hold METADATA_KEY;
+    official ones do not."""
+    return read_metadata(path)
 
 
 def base_config_mismatch(saved: dict, cfg: UNetConfig) -> dict:

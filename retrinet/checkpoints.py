@@ -62,18 +62,14 @@ class CheckpointInfo:
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Method, layout, config, lock and base of a RetriNet / ControlNet / IP-Adapter file;
-    CheckpointError (one line, naming the file) when it is none of them."""
+    CheckpointError (one line, naming the file) when it is none of them, or when a value its header
+    or metadata holds is of the wrong type or out of bounds (`read_header`, `SavedModel.read`)."""
     path = Path(path)
     header = read_header(path)
     if METADATA_KEY in file_metadata(path) or any(k.startswith(("retrinet.", "unet.", "ip_adapter.image_proj.", "ip_adapter.layers."))
                    for k in header):
-        saved = SavedModel.read(path)
-        if saved.method not in METHODS:
-            raise CheckpointError(f"{path}: unknown method {saved.method!r}; expected one of {', '.join(METHODS)}")
-        try:
-            config = METHODS[saved.method].config_class(**saved.config)
-        except TypeError as e:
-            raise CheckpointError(f"{path}: bad {saved.method} config in its metadata ({e})") from None
+        saved = SavedModel.read(path)  # every value checked: the config builds
+        config = METHODS[saved.method].config_class(**saved.config)
         return CheckpointInfo(path, saved.method, "ours", config, saved.lock, saved.train_base, saved.unet_config)
     if is_official_file(header):
         # The layer numbers map to our layers only for a given base (official_numbers): base_mismatch

@@ -19,7 +19,7 @@ import torch.nn as nn
 from PIL import Image
 
 from common.images import fit_and_pad
-from common.weights import detect_layout, load_strict, read_header, read_tensors
+from common.weights import check_fields, detect_layout, load_strict, read_header, read_tensors
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
 from .base import METADATA_KEY, MethodOptions, ReferenceUNet, file_metadata
@@ -35,6 +35,13 @@ class ControlNetConfig:
     def __post_init__(self):
         if self.hint_downscale not in (1, 2, 4, 8):
             raise ValueError(f"hint_downscale must be 1, 2, 4 or 8, got {self.hint_downscale}")
+
+    @classmethod
+    def checked(cls, values, key: str = "", unet: UNetConfig | None = None) -> dict:
+        """`values` (fields read from a checkpoint's metadata) of the types declared here, a hint of at most
+        64 channels downscaled by 1, 2, 4 or 8; FieldError (keys prefixed by `key`) otherwise."""
+        return check_fields(cls, values, key=key, limits={"hint_channels": (1, 64)},
+                            choices={"hint_downscale": (1, 2, 4, 8)})
 
 
 class ControlNet(UNetEncoder):

@@ -33,7 +33,7 @@ from PIL import Image
 from clip.preprocess import CLIP_MEAN, CLIP_STD
 from common.attention import attention, merge_heads, split_heads
 from common.images import fit_and_pad
-from common.weights import CheckpointError, read_header, read_tensors
+from common.weights import CheckpointError, FieldError, check_fields, read_header, read_tensors
 from diffusion.sd15 import ClassifierFreeGuidance
 from unet import UNet, UNetConfig
 from unet.model import BasicTransformerBlock, CrossAttention
@@ -49,6 +49,12 @@ IP_ADAPTER_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quali
 class IPAdapterConfig:
     image_embed_dim: int = 768   # the image encoder's projected embedding (1024 for the official ViT-H/14)
     num_tokens: int = 4          # image tokens the embedding becomes
+
+    @classmethod
+    def checked(cls, values, key: str = "", unet: UNetConfig | None = None) -> dict:
+        """`values` (fields read from a checkpoint's metadata) of the types declared here, bounded
+        generously (num_tokens x the context width is image_proj's output); FieldError otherwise."""
+        return check_fields(cls, values, key=key, limits={"image_embed_dim": (1, 65536), "num_tokens": (1, 1024)})
 
 
 # -- where the cross-attention layers are -------------------------------------------------------------
@@ -102,12 +108,22 @@ def official_config(header: dict, path, context_dim: int | None = None) -> IPAda
     missing = [k for k in need if k not in header]
     if missing:
         raise CheckpointError(f"{path}: official IP-Adapter file without {', '.join(missing)}")
+    ranks = {"image_proj.proj.weight": 2, "image_proj.norm.weight": 1}
+    for key in need:
+        shape = header[key]["shape"]
+        if len(shape) != ranks[key] or 0 in shape:
+            raise CheckpointError(f"{path}: official IP-Adapter tensor {key} has shape {shape}; expected "
+                                  f"{ranks[key]} non-zero dimensions")
     rows, dim = header["image_proj.proj.weight"]["shape"]
     ctx = context_dim or header["image_proj.norm.weight"]["shape"][0]
     if rows % ctx:
         raise CheckpointError(f"{path}: image_proj.proj.weight has {rows} rows, not a multiple of the context "
                               f"dimension {ctx} (made for another base U-Net?)")
-    return IPAdapterConfig(image_embed_dim=dim, num_tokens=rows // ctx)
+    values = {"image_embed_dim": dim, "num_tokens": rows // ctx}
+    try:
+        return IPAdapterConfig(**IPAdapterConfig.checked(values))
+    except FieldError as e:
+        raise CheckpointError(f"{path}: the config its shapes imply is out of bounds: {e}") from None
 
 
 # -- the module -------------------------------------------------------------------------------------

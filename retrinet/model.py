@@ -25,6 +25,7 @@ from einops import rearrange
 
 from common.attention import attention, merge_heads, project_tokens, split_heads
 from common.images import fit_and_pad
+from common.weights import FieldError, check_fields
 from unet import UNet, UNetConfig, UNetEncoder
 from unet.model import zero_
 from .base import MethodOptions, ReferenceUNet
@@ -144,6 +145,25 @@ class RetriNet(nn.Module):
 class RetriNetConfig:
     heads: int = 8                 # attention heads of the 13 reference cross-attention layers
     null_reference: bool = False   # a learned null reference (trained with reference dropout)
+
+    @classmethod
+    def checked(cls, values, key: str = "", unet: UNetConfig | None = None) -> dict:
+        """`values` (fields read from a checkpoint's metadata) of the types declared here; `heads` must
+        split every width of the reference attention over the base U-Net `unet` (default SD v1.5's).
+        FieldError (keys prefixed by `key`) otherwise."""
+        values = check_fields(cls, values, key=key)
+        heads = values.get("heads")
+        widths = reference_widths(unet or UNetConfig())
+        if heads is not None and (heads < 1 or any(w % heads for w in widths)):
+            raise FieldError(key + "heads", heads, f"an integer >= 1 that divides {', '.join(map(str, widths))} "
+                                                   f"(the widths it splits: the base U-Net's channels)")
+        return values
+
+
+def reference_widths(cfg: UNetConfig) -> list[int]:
+    """The channel counts of RetriNet's 13 reference attention sites over a U-Net of config `cfg`
+    (its skips and middle feature: model_channels times 1 and each channel_mult)."""
+    return sorted({cfg.model_channels * m for m in (1, *cfg.channel_mult)})
 
 
 class RetriUNet(ReferenceUNet):

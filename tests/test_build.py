@@ -63,7 +63,8 @@ def test_filters_drop_and_count(built):
     assert stats["input_images"] == 18
     assert stats["dropped"] == {
         "unwanted_tag": 1, "not_single_character": 2, "not_single_artist": 1, "no_cloth_tag": 1,
-        "no_image": 1, "no_vqa_answer": 1, "no_mask": 1, "no_face_box": 1, "no_link": 2}
+        "no_image": 1, "no_vqa_answer": 1, "no_mask": 1, "no_face_box": 1, "size_mismatch": 0,
+        "bad_face_box": 0, "bad_mask": 0, "no_link": 2}
     assert stats["dropped_total"] == 11
     assert stats["passed_filters"] == 9
     assert stats["kept_samples"] == 7 == len(ann)

@@ -115,7 +115,7 @@ def test_sigterm_stops_the_demo_after_training_saves(tmp_path):
 
 def test_old_command_hands_over(tmp_path):
     """`python demo.py ...`, run from another folder: one deprecation line on stderr, then the demo
-    itself with the same arguments (here it generates the data, finds no checkpoint and exits 2)."""
+    itself with the same arguments (here it finds no checkpoint and exits 2, having written nothing)."""
     out = tmp_path / "old"
     res = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--out", str(out), "--identities", "4",
                           "--images-per-identity", "3", "--heldout", "2", "--sample-only"], cwd=tmp_path, env=ENV,
@@ -125,4 +125,4 @@ def test_old_command_hands_over(tmp_path):
     assert lines[0] == "demo.py is deprecated: use python -m experiments.demo (running it now)"
     assert res.stderr.count("deprecated") == 1 and "Traceback" not in res.stderr
     assert f"demo: --sample-only: no checkpoint in {out / 'run' / 'checkpoints'}" in res.stderr
-    assert (out / "data-train" / "annotations.jsonl").is_file() and (out / "data-heldout" / "annotations.jsonl").is_file()
+    assert not out.exists()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from common.weights import SDPart, load_sd_part, rename_by_prefix
-from .model import UNet, UNetConfig
+from common.weights import SDPart, check_values, load_sd_part, rename_by_prefix
+from .model import UNET_HEADS, UNET_LIMITS, UNet, UNetConfig
 
 SD_UNET_PREFIX = "model.diffusion_model."
 
@@ -54,8 +54,24 @@ def diffusers_to_ldm(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[st
     return rename_by_prefix(state, diffusers_to_ldm_table(cfg), inner)
 
 
+# The keys of a diffusers unet/config.json that config_from_diffusers reads, and their bounds (as UNET_LIMITS).
+DIFFUSERS_TYPES = dict(in_channels=int, out_channels=int, block_out_channels=tuple, down_block_types=tuple[str, ...],
+                       layers_per_block=int, num_attention_heads=int | tuple | None,
+                       attention_head_dim=int | tuple | None,
+                       transformer_layers_per_block=int | tuple, cross_attention_dim=int, use_linear_projection=bool,
+                       norm_num_groups=int)
+DIFFUSERS_LIMITS = dict(in_channels=UNET_LIMITS["in_channels"], out_channels=UNET_LIMITS["out_channels"],
+                        block_out_channels=(1, 65536), layers_per_block=UNET_LIMITS["num_res_blocks"],
+                        num_attention_heads=(1, UNET_HEADS["num_heads"]), attention_head_dim=(1, 65536),
+                        transformer_layers_per_block=UNET_LIMITS["transformer_depth"],
+                        cross_attention_dim=UNET_LIMITS["context_dim"], norm_num_groups=UNET_LIMITS["norm_groups"])
+
+
 def config_from_diffusers(d: dict) -> UNetConfig:
-    """UNetConfig from a diffusers `unet/config.json` (UNet2DConditionModel)."""
+    """UNetConfig from a diffusers `unet/config.json` (UNet2DConditionModel); the values it reads are
+    checked (FieldError naming the key)."""
+    check_values(d, DIFFUSERS_TYPES, limits=DIFFUSERS_LIMITS, unknown=True,
+                 lengths={"block_out_channels": (1, 8), "down_block_types": (1, 8)})
     channels = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
     mc = channels[0]
     if any(c % mc for c in channels):

@@ -31,6 +31,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention, merge_heads, project_tokens, set_attention_options, split_heads
+from common.weights import FieldError, check_fields
+
+# Bounds of the values a file may give (UNetConfig.checked): generous, but a count of 10^7 would build
+# modules for hours. SD v1.5: 320 channels, 2 res blocks, 4 levels, depth 1; SDXL: depth 10.
+UNET_LIMITS = dict(in_channels=(1, 1024), out_channels=(1, 1024), model_channels=(1, 8192),
+                   attention_resolutions=(1, 65536), num_res_blocks=(1, 8), channel_mult=(1, 64),
+                   transformer_depth=(1, 16), context_dim=(1, 65536), dropout=(0, 1), norm_groups=(1, 8192))
+UNET_HEADS = {"num_heads": 1024, "num_head_channels": 8192}  # -1 leaves it to the other
 
 
 @dataclass
@@ -65,6 +73,22 @@ class UNetConfig:
     def sd15(cls) -> "UNetConfig":
         """SD v1.5 (CompVis `v1-inference.yaml`): 859,520,964 parameters."""
         return cls()
+
+    @classmethod
+    def checked(cls, values, key: str = "") -> dict:
+        """`values` (fields read from a file: --config, a checkpoint's metadata; any may be missing)
+        of the types declared here, bounded generously: the counts bound the modules a build makes.
+        FieldError (keys prefixed by `key`) for the first that is not."""
+        values = check_fields(cls, values, key=key, limits=UNET_LIMITS, lengths={"channel_mult": (1, 8)})
+        for name, high in UNET_HEADS.items():
+            if name in values and not (values[name] == -1 or 1 <= values[name] <= high):
+                raise FieldError(key + name, values[name], f"-1 (unset) or an integer from 1 to {high}")
+        levels = len(values.get("channel_mult", cls.channel_mult))
+        depth = values.get("transformer_depth")
+        if isinstance(depth, (list, tuple)) and len(depth) != levels:
+            raise FieldError(key + "transformer_depth", depth, f"an integer or a list of {levels} (one per level of "
+                                                               f"channel_mult)")
+        return values
 
     def heads_and_dim(self, channels: int) -> tuple[int, int]:
         if self.num_head_channels == -1:

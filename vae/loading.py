@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from common.weights import SDPart, load_sd_part, rename_by_prefix
-from .model import AutoencoderKL, VAEConfig
+from common.weights import SDPart, check_values, load_sd_part, rename_by_prefix
+from .model import VAE_LIMITS, AutoencoderKL, VAEConfig
 
 SD_VAE_PREFIX = "first_stage_model."
 
@@ -50,8 +50,18 @@ def diffusers_to_ldm(state: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str
     return rename_by_prefix(state, diffusers_to_ldm_table(cfg), inner)
 
 
+# The keys of a diffusers vae/config.json that config_from_diffusers reads, and their bounds (as VAE_LIMITS).
+DIFFUSERS_TYPES = dict(in_channels=int, out_channels=int, latent_channels=int, block_out_channels=tuple,
+                       layers_per_block=int)
+DIFFUSERS_LIMITS = dict(in_channels=VAE_LIMITS["in_channels"], out_channels=VAE_LIMITS["out_ch"],
+                        latent_channels=VAE_LIMITS["z_channels"], block_out_channels=(1, 65536),
+                        layers_per_block=VAE_LIMITS["num_res_blocks"])
+
+
 def config_from_diffusers(d: dict) -> VAEConfig:
-    """VAEConfig from a diffusers `vae/config.json` (AutoencoderKL)."""
+    """VAEConfig from a diffusers `vae/config.json` (AutoencoderKL); the values it reads are checked
+    (FieldError naming the key)."""
+    check_values(d, DIFFUSERS_TYPES, limits=DIFFUSERS_LIMITS, lengths={"block_out_channels": (1, 8)}, unknown=True)
     channels = list(d.get("block_out_channels", (128, 256, 512, 512)))
     ch = channels[0]
     if any(c % ch for c in channels):

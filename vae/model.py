@@ -23,6 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.attention import attention, project_tokens, set_attention_options
+from common.weights import check_fields
+
+# Bounds of the values a file may give (VAEConfig.checked): generous; SD v1.5: 128 channels, 4 levels.
+VAE_LIMITS = dict(embed_dim=(1, 1024), z_channels=(1, 1024), resolution=(1, 65536), in_channels=(1, 1024),
+                  out_ch=(1, 1024), ch=(1, 8192), ch_mult=(1, 64), num_res_blocks=(1, 8), attn_resolutions=(1, 65536),
+                  dropout=(0, 1))
 
 
 @dataclass
@@ -47,6 +53,12 @@ class VAEConfig:
     def sd15(cls) -> "VAEConfig":
         """SD v1.5 (CompVis `v1-inference.yaml`): 83,653,863 parameters."""
         return cls()
+
+    @classmethod
+    def checked(cls, values, key: str = "") -> dict:
+        """`values` (fields read from a file; any may be missing) of the types declared here, bounded
+        generously; FieldError (keys prefixed by `key`) for the first that is not."""
+        return check_fields(cls, values, key=key, limits=VAE_LIMITS, lengths={"ch_mult": (1, 8)})
 
     @property
     def downscale(self) -> int:

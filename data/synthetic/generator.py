@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,12 +17,18 @@ from ..build import image_hash, is_near_duplicate
 from .geometry import CLOTH_COLORS, FIGURE_SCALE
 from .identities import (_S_IMAGE, _S_LAYOUT, _S_VQA, Outfit, cloth_vocabulary, draw_scene, identity_tags,
                          make_identities, scene_prompt)
-from .render import BACKGROUNDS, render
+from .render import BACKGROUNDS, SUPERSAMPLE, render
 
 VQA_QUESTION = "What are the top two colors of the character's clothes?"
 MONO_TAGS = ("monochrome", "greyscale", "sketch")
 NOISE_KINDS = ("mono", "multi", "nocloth")
 MAX_REDRAWS = 100  # draws of a clean image after the first, while it near-duplicates one of its identity's
+MAX_SIZE = 1024    # image side; drawn at SUPERSAMPLE x that, a larger one would not fit in memory
+# What generate writes under its folder, and nothing else: these files, and <id>.png (digits) in IMAGE_DIRS.
+DATASET_FILES = ("annotations.jsonl", "raw/metadata.jsonl", "raw/vqa_answers.jsonl", "raw/face_boxes.jsonl",
+                 "raw/identities.jsonl", "raw/cloth_tags.txt")
+IMAGE_DIRS = ("images", "masks")
+_IMAGE_NAME = re.compile(r"\d+\.png")
 
 
 def _vqa_answer(of: Outfit, rng: np.random.Generator, error_rate: float) -> str:
@@ -50,6 +58,8 @@ def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noi
                          f"got {images_per_identity}")
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
+    if size > MAX_SIZE:
+        raise ValueError(f"size must be <= {MAX_SIZE} (images are drawn at {SUPERSAMPLE}x their size), got {size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= vqa_error_rate <= 1.0:
@@ -61,7 +71,7 @@ def _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noi
 def _write_jsonl(path: Path, rows) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 def generate(out: Path, identities: int, images_per_identity: int, size: int, seed: int,
@@ -75,7 +85,9 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
     assigned in a seed-dependent random order; ``progress(done, total)`` is called per image.
     ``scene``: every clean image is a full figure in a uniformly drawn Scene (a SCENE_BACKGROUNDS
     background, arms up or down, facing left or right; its tags join the image's tags) and its prompt
-    is ``scene_prompt``: the scene alone, without the identity's tags.
+    is ``scene_prompt``: the scene alone, without the identity's tags. Files already in ``out`` are
+    overwritten or left as they are (experiments/recipe.py regenerates an interrupted dataset in
+    place); the command refuses a non-empty ``--out`` unless ``--replace`` (``remove_dataset``).
     """
     _check_args(identities, images_per_identity, size, seed, vqa_error_rate, noise_fraction, backgrounds, figure_scale)
     if scene and backgrounds != "mixed":
@@ -184,13 +196,59 @@ def generate(out: Path, identities: int, images_per_identity: int, size: int, se
             "artists": len({i.artist.name for i in idents}), "annotations": len(annotations)}
 
 
+def remove_dataset(out: Path) -> list[str]:
+    """Remove what ``generate`` writes under ``out`` and nothing else: ``DATASET_FILES`` and the
+    ``<digits>.png`` files of ``IMAGE_DIRS``, then those folders and ``raw/`` where that leaves them
+    empty. A folder that is a symbolic link is not entered. Returns the names of the entries left in
+    ``out``, sorted: what holds files that are not the generator's."""
+    out = Path(out)
+    for rel in DATASET_FILES:
+        path = out / rel
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    for name in IMAGE_DIRS:
+        folder = out / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _IMAGE_NAME.fullmatch(path.name) and (path.is_symlink() or path.is_file()):
+                path.unlink()
+    for name in (*IMAGE_DIRS, "raw"):
+        folder = out / name
+        if not folder.is_symlink() and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return sorted(p.name for p in out.iterdir())
+
+
+def _out_problem(out: Path, replace: bool) -> str | None:
+    """Why the command must not write to ``out``: a file (or under one), or a folder that holds
+    anything while ``replace`` is off."""
+    path = Path(os.path.abspath(out))
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    if not path.is_dir():
+        where = "is not a folder" if path == Path(os.path.abspath(out)) else f"lies under {path}, not a folder"
+        return f"--out {out} {where}; expected a new or empty folder"
+    if path == Path(os.path.abspath(out)) and not replace:
+        entries = sorted(p.name for p in path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            return (f"--out {out} is not empty ({len(entries)} entries: {shown}); expected a new or empty folder, "
+                    f"or pass --replace to replace the synthetic dataset in it (its annotations.jsonl, images/, "
+                    f"masks/ and raw/; other files are kept)")
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.synthetic",
                                 description="Procedural synthetic RetriBooru dataset (docs/design.md section 4).")
-    p.add_argument("--out", type=Path, required=True, help="output dataset root")
+    p.add_argument("--out", type=Path, required=True, help="output dataset root: a new or empty folder")
+    p.add_argument("--replace", action="store_true",
+                   help="--out may hold a synthetic dataset: remove its annotations.jsonl, images/, masks/ and raw/ "
+                        "first (other files are kept)")
     p.add_argument("--identities", type=int, required=True)
     p.add_argument("--images-per-identity", type=int, required=True)
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--size", type=int, default=128, help=f"image side in pixels, 32 to {MAX_SIZE} (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vqa-error-rate", type=float, default=0.0,
                    help="probability that a VQA answer is corrupted (default 0)")
@@ -213,6 +271,15 @@ def main(argv=None) -> int:
             raise ValueError("--scene draws its own backgrounds; --backgrounds does not apply")
     except ValueError as e:
         p.error(str(e))
+    problem = _out_problem(args.out, args.replace)
+    if problem:
+        print(f"{p.prog}: error: {problem}", file=sys.stderr)
+        return 2
+    if args.replace and args.out.is_dir():
+        kept = remove_dataset(args.out)
+        if kept:
+            print(f"synthetic: --replace removed the earlier dataset's files from {args.out}; kept everything else "
+                  f"({len(kept)} entries: {', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})", file=sys.stderr)
     start = time.perf_counter()
 
     def progress(done, total):
