@@ -470,3 +470,17 @@ def test_an_official_ip_adapter_file_with_impossible_shapes(tmp_path):
         inspect_checkpoint(many)
     assert str(e.value) == (f"{many}: the config its shapes imply is out of bounds: 'num_tokens' is 2000; expected an "
                             f"integer from 1 to 1024")
+
+
+def test_train_refuses_an_untrusted_config_before_building(tmp_path, capsys):
+    """train.py --config with a value that would hang the build: status 2, one line naming the file
+    and the key, before anything is read or built."""
+    import json as _json
+    import train
+    config = tmp_path / "c.json"
+    config.write_text(_json.dumps({"unet": {"num_res_blocks": 10_000_000}}))
+    status = train.main(["--preset", "sd15", "--weights", str(tmp_path / "w.safetensors"), "--config", str(config),
+                         "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and str(config) in err and "num_res_blocks" in err, err
+    assert not (tmp_path / "out").exists()

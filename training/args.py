@@ -182,6 +182,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems += [f"--stack: {p}" for p in stack_problems(args.stack)]
     if args.config and not Path(args.config).is_file():
         problems.append(f"--config {args.config}: no such file")
+    elif args.config:
+        from diffusion.sd15 import load_configs
+        try:   # a downloaded file: typed and bounded before anything is built from it
+            load_configs(args.config)
+        except ValueError as e:
+            problems.append(f"--config {e}")
     for root in filter(None, (args.data, args.val_data)):
         if not (Path(root) / "annotations.jsonl").is_file():
             problems.append(f"{root}: no annotations.jsonl (not a RetriBooru root)")
