@@ -146,12 +146,13 @@ def test_second_invocation_reuses_every_run(toy):
     strip = lambda t: {k: v for k, v in json.loads(t).items() if k != "total_minutes"}
     assert strip((out / "table.json").read_text()) == strip(before)
     other = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:6], "--steps", "3",
-                            "--seeds", "0", "--methods", "retrinet"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+                            "--seeds", "0", "--methods", "retrinet", "--train-args", "--batch-size", "4"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
     assert other.returncode == 1 and "trained for 2 steps, not --steps 3" in other.stderr
     assert "Traceback" not in other.stderr
     data = subprocess.run([sys.executable, "-m", "experiments.leakage", "--out", str(out), *TOY[:4],
-                           "--data-seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--data-seed", "1", "--train-args", "--batch-size", "4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert data.returncode == 1 and "holds data made with --identities 2" in data.stderr
     assert "--data-seed 0" in data.stderr and "Traceback" not in data.stderr
 
