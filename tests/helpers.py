@@ -217,3 +217,19 @@ def write_dataset(tmp_path, rows):
     if truth:
         kw["truth"] = dump(tmp_path / "identities.jsonl", truth)
     return kw
+
+
+def one_error(err: str, prefix: str = "sample.py: error: ") -> str:
+    """The one error line of a run's stderr (no traceback, nothing else said to be an error)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(prefix), err
+    return lines[0]
+
+
+def run_main(capsys, main, argv):
+    """Run a command's main() in-process; (status, stderr)."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err

@@ -33,6 +33,7 @@ from common.weights import CheckpointError, read_tensors
 from diffusion.samplers import SAMPLERS, make_sampler
 from diffusion.schedule import NoiseSchedule
 from diffusion.sd15 import steps_limit
+from helpers import one_error, run_main
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
@@ -120,20 +121,6 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def one_error(err: str, prefix: str = "sample.py: error: ") -> str:
-    """The one error line of a run's stderr (no traceback, nothing else said to be an error)."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error" in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(prefix), err
-    return lines[0]
-
-
-def run(capsys, main, argv):
-    """Run a command's main() in-process; (status, stderr)."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +249,7 @@ def test_sample_reads_a_16_bit_reference_as_its_8_bit_twin(tiny, tmp_path, capsy
     read as white, the image a white reference gives)."""
     images = {}
     for name in ("ref8", "ref16", "white"):
-        rc, err = run(capsys, sample.main, tiny_args(tiny, tmp_path / name, "--retrinet", tiny["retrinet"], "--refs",
+        rc, err = run_main(capsys, sample.main, tiny_args(tiny, tmp_path / name, "--retrinet", tiny["retrinet"], "--refs",
                                                      tiny["root"] / f"{name}.png", "--ref-size", 16))
         assert rc == 0, err
         images[name] = np.asarray(Image.open(tmp_path / name / "x-s0-0.png"))
@@ -325,7 +312,7 @@ def test_build_hashes_16_bit_images_as_the_loader_sees_them(tmp_path):
                                           ("--ip-scale", "nan")])
 def test_non_finite_options_are_refused_before_loading(junk, out, capsys, option, value):
     before = snapshot(out)
-    rc, err = run(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--device", "cpu",
+    rc, err = run_main(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--device", "cpu",
                                         f"{option}={value}"])
     assert rc == 2 and "Traceback" not in err
     # The only problem, but for --ref-guidance / --ip-scale without --retrinet, which is one more.
@@ -340,7 +327,7 @@ def test_protocol_refuses_non_finite_guidance(junk, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "r.png")
     (tmp_path / "c.jsonl").write_text('{"id": "c1", "refs": ["r.png"]}\n')
     (tmp_path / "p.txt").write_text("a prompt\n")
-    rc, err = run(capsys, protocol.main, ["--characters", tmp_path / "c.jsonl", "--prompts", tmp_path / "p.txt",
+    rc, err = run_main(capsys, protocol.main, ["--characters", tmp_path / "c.jsonl", "--prompts", tmp_path / "p.txt",
                                           "--weights", junk, "--out", tmp_path / "o", "--device", "cpu",
                                           "--guidance", "inf"])
     assert rc == 2
@@ -357,7 +344,7 @@ def test_weights_holding_nan_or_inf_fail_after_the_checks_naming_file_and_key(ti
     bad = tmp_path / "poisoned.safetensors"
     save_file(state, bad)
     before = snapshot(out)
-    rc, err = run(capsys, sample.main, tiny_args(tiny, out) + ["--weights", bad])
+    rc, err = run_main(capsys, sample.main, tiny_args(tiny, out) + ["--weights", bad])
     assert rc == 1
     what = "NaN" if poison != poison else "infinite"
     assert one_error(err) == (f"sample.py: error: {bad}: tensor {key} holds {what} values (a diverged or corrupt "
@@ -393,7 +380,7 @@ def test_steps_limit_is_each_samplers_real_limit(T):
 
 def test_steps_beyond_the_schedule_are_refused_before_loading(junk, tiny, tmp_path, out, capsys):
     before = snapshot(out)
-    rc, err = run(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--device", "cpu",
+    rc, err = run_main(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--device", "cpu",
                                         "--steps", 5000])
     assert rc == 2
     assert one_error(err) == ("sample.py: error: --steps 5000: the pndm sampler takes at most 999 steps on a schedule "
@@ -404,14 +391,14 @@ def test_steps_beyond_the_schedule_are_refused_before_loading(junk, tiny, tmp_pa
     short = tmp_path / "short.json"
     short.write_text(json.dumps(cfg))
     for sampler, steps, limit in [("pndm", 20, 19), ("dpmpp_2m", 19, 18), ("euler_a", 25, 19)]:
-        rc, err = run(capsys, sample.main, tiny_args(tiny, out, "--config", short, "--sampler", sampler,
+        rc, err = run_main(capsys, sample.main, tiny_args(tiny, out, "--config", short, "--sampler", sampler,
                                                      "--steps", steps))
         assert rc == 2
         assert one_error(err) == (f"sample.py: error: --steps {steps}: the {sampler} sampler takes at most {limit} "
                                   f"steps on a schedule of 20 training timesteps ({short})")
     assert snapshot(out) == before
     for sampler, limit in [("pndm", 19), ("dpmpp_2m", 18)]:   # at the limit: it runs
-        rc, err = run(capsys, sample.main, tiny_args(tiny, tmp_path / sampler, "--config", short, "--sampler", sampler,
+        rc, err = run_main(capsys, sample.main, tiny_args(tiny, tmp_path / sampler, "--config", short, "--sampler", sampler,
                                                      "--steps", limit))
         assert rc == 0, err
 
@@ -435,11 +422,11 @@ def test_configs_that_fail_after_loading_are_refused_before(junk, tiny, tmp_path
     for i, (config, extra, message) in enumerate(cases):
         cfg = tmp_path / f"c{i}.json"
         cfg.write_text(json.dumps(config))
-        rc, err = run(capsys, sample.main, ["--weights", junk, "--config", cfg, "--prompt", "x", "--out", out,
+        rc, err = run_main(capsys, sample.main, ["--weights", junk, "--config", cfg, "--prompt", "x", "--out", out,
                                             "--device", "cpu", *extra])
         assert rc == 2, (config, err)
         assert one_error(err).startswith("sample.py: error: " + message.format(cfg=cfg)), (config, err)
-    rc, err = run(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--seed", 2 ** 64])
+    rc, err = run_main(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--seed", 2 ** 64])
     assert rc == 2 and one_error(err) == f"sample.py: error: --seed {2 ** 64} must be in [0, 2^64 - 1] (the range " \
                                          f"of torch's generator)"
     assert snapshot(out) == before
@@ -450,7 +437,7 @@ def test_configs_that_fail_after_loading_are_refused_before(junk, tiny, tmp_path
 def test_sample_on_a_full_disk_leaves_no_partial_file(tiny, out, capsys, monkeypatch):
     before = snapshot(out)
     full_disk(monkeypatch, out)
-    rc, err = run(capsys, sample.main, tiny_args(tiny, out))
+    rc, err = run_main(capsys, sample.main, tiny_args(tiny, out))
     monkeypatch.undo()
     assert rc == 1
     assert one_error(err) == f"sample.py: error: {out / 'x-s0-0.png'}: cannot write it (No space left on device)"
@@ -460,14 +447,14 @@ def test_sample_on_a_full_disk_leaves_no_partial_file(tiny, out, capsys, monkeyp
 def test_sample_on_a_read_only_folder(tiny, out, capsys, monkeypatch):
     before = snapshot(out)
     read_only(monkeypatch, out)
-    rc, err = run(capsys, sample.main, tiny_args(tiny, out))
+    rc, err = run_main(capsys, sample.main, tiny_args(tiny, out))
     monkeypatch.undo()
     assert rc == 2 and one_error(err) == f"sample.py: error: --out {out}: cannot write there (Read-only file system)"
     # Made read-only after the checks: the write fails, one line, status 1.
     def denied(self, fp, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(fp))
     monkeypatch.setattr(Image.Image, "save", denied)
-    rc, err = run(capsys, sample.main, tiny_args(tiny, out))
+    rc, err = run_main(capsys, sample.main, tiny_args(tiny, out))
     monkeypatch.undo()
     assert rc == 1 and one_error(err) == f"sample.py: error: {out / 'x-s0-0.png'}: cannot write it (Permission denied)"
     assert snapshot(out) == before
@@ -510,13 +497,13 @@ def eval_args(scoring, out, *extra):
 def test_eval_on_a_full_or_read_only_out_keeps_the_earlier_results(scoring, tmp_path, capsys, monkeypatch):
     import eval.__main__ as eval_cli
     out = tmp_path / "results"
-    rc, err = run(capsys, eval_cli.main, eval_args(scoring, out, "--no-cache"))
+    rc, err = run_main(capsys, eval_cli.main, eval_args(scoring, out, "--no-cache"))
     assert rc == 0, err
     before = snapshot(out)
     assert {str(p) for p in before} == {"table.md", "table.csv", "results.json", "per_image.csv",
                                         "clip-i_clip-t.png", "clip-i_vqa.png"}
     full_disk(monkeypatch, out)
-    rc, err = run(capsys, eval_cli.main, eval_args(scoring, out, "--no-cache"))
+    rc, err = run_main(capsys, eval_cli.main, eval_args(scoring, out, "--no-cache"))
     monkeypatch.undo()
     assert rc == 1
     assert one_error(err, "python -m eval: error: ") == (
@@ -525,7 +512,7 @@ def test_eval_on_a_full_or_read_only_out_keeps_the_earlier_results(scoring, tmp_
     assert snapshot(out) == before                                  # no staging folder, no partial file
 
     read_only(monkeypatch, out)
-    rc, err = run(capsys, eval_cli.main, eval_args(scoring, out, "--no-cache"))
+    rc, err = run_main(capsys, eval_cli.main, eval_args(scoring, out, "--no-cache"))
     monkeypatch.undo()
     assert rc == 2 and one_error(err, "python -m eval: error: ") == \
         f"python -m eval: error: --out {out}: cannot write there (Read-only file system)"
@@ -533,7 +520,7 @@ def test_eval_on_a_full_or_read_only_out_keeps_the_earlier_results(scoring, tmp_
 
     cache = tmp_path / "cache"               # the embedding cache on a full disk: one line, status 1
     full_disk(monkeypatch, cache)
-    rc, err = run(capsys, eval_cli.main, eval_args(scoring, out, "--cache", cache))
+    rc, err = run_main(capsys, eval_cli.main, eval_args(scoring, out, "--cache", cache))
     monkeypatch.undo()
     assert rc == 1 and one_error(err, "python -m eval: error: ").startswith(
         f"python -m eval: error: --cache {cache}: cannot write {cache / 'weights_sha256.json'} (No space left on device)")
@@ -548,11 +535,11 @@ def test_protocol_on_a_full_disk_keeps_earlier_batches(tiny, tmp_path, capsys, m
     gens = tmp_path / "gens"
     argv = ["--characters", tmp_path / "c.jsonl", "--prompts", tmp_path / "p.txt", "--weights", tiny["weights"],
             "--config", tiny["config"], "--out", gens, "--size", 16, "--steps", 2, "--per-seed", 1, "--device", "cpu"]
-    rc, err = run(capsys, protocol.main, argv + ["--seeds", 1])
+    rc, err = run_main(capsys, protocol.main, argv + ["--seeds", 1])
     assert rc == 0, err
     before = snapshot(gens)
     full_disk(monkeypatch, gens)
-    rc, err = run(capsys, protocol.main, argv + ["--seeds", 2])
+    rc, err = run_main(capsys, protocol.main, argv + ["--seeds", 2])
     monkeypatch.undo()
     assert rc == 1
     assert one_error(err, "python -m eval.protocol: error: ") == (
@@ -567,7 +554,7 @@ def test_validate_calls_an_empty_dataset_an_error(tmp_path, capsys):
     (tmp_path / "annotations.jsonl").write_text("\n")
     assert V.validate(tmp_path) == [f"{tmp_path}: annotations.jsonl holds no samples (an empty dataset is not a "
                                     f"dataset)"]
-    rc, err = run(capsys, V.main, [tmp_path])
+    rc, err = run_main(capsys, V.main, [tmp_path])
     assert rc == 1 and f"{tmp_path}: 0 samples, 1 problems" in err
 
 
@@ -582,12 +569,12 @@ def test_build_without_images_is_an_error_naming_the_root(tmp_path, capsys):
     args = ["--metadata", kw["metadata"], "--vqa", kw["vqa"], "--cloth-tags", kw["cloth_tags"], "--masks", kw["masks"],
             "--boxes", kw["boxes"], "--out", out]
     nowhere = tmp_path / "nowhere"
-    rc, err = run(capsys, B.main, args + ["--root", nowhere])
+    rc, err = run_main(capsys, B.main, args + ["--root", nowhere])
     assert rc == 1
     assert one_error(err, "error: ") == (f"error: no sample kept from the 2 images of root {nowhere} (dropped: 2 "
                                          f"no_image); nothing written to {out}")
     Path(kw["metadata"]).write_text("")
-    rc, err = run(capsys, B.main, args)
+    rc, err = run_main(capsys, B.main, args)
     assert rc == 1 and one_error(err, "error: ").startswith(f"error: {kw['metadata']} lists no images (root ")
     assert snapshot(out) == before
 
@@ -601,7 +588,7 @@ def test_build_on_a_full_disk_leaves_no_partial_file(tmp_path, capsys, monkeypat
     (out / "annotations.jsonl").write_text('{"an earlier": "build"}\n')
     before = snapshot(out)
     full_disk(monkeypatch, out)
-    rc, err = run(capsys, B.main, ["--metadata", kw["metadata"], "--vqa", kw["vqa"], "--cloth-tags", kw["cloth_tags"],
+    rc, err = run_main(capsys, B.main, ["--metadata", kw["metadata"], "--vqa", kw["vqa"], "--cloth-tags", kw["cloth_tags"],
                                    "--masks", kw["masks"], "--boxes", kw["boxes"], "--out", out])
     monkeypatch.undo()
     assert rc == 1
@@ -613,10 +600,10 @@ def test_unknown_devices_are_refused_up_front(junk, out, scoring, capsys):
     import eval.__main__ as eval_cli
     before = snapshot(out)
     for device in ("tpu", "cuda:x", "gpu"):
-        rc, err = run(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--device", device])
+        rc, err = run_main(capsys, sample.main, ["--weights", junk, "--prompt", "x", "--out", out, "--device", device])
         assert rc == 2
         assert one_error(err) == f"sample.py: error: --device {device!r} is unknown; expected cpu, cuda, cuda:N or auto"
-    rc, err = run(capsys, eval_cli.main, eval_args(scoring, out / "scores") + ["--device", "tpu"])
+    rc, err = run_main(capsys, eval_cli.main, eval_args(scoring, out / "scores") + ["--device", "tpu"])
     assert rc == 2 and one_error(err, "python -m eval: error: ") == \
         "python -m eval: error: --device 'tpu' is unknown; expected cpu, cuda, cuda:N or auto"
     assert snapshot(out) == before
@@ -624,7 +611,7 @@ def test_unknown_devices_are_refused_up_front(junk, out, scoring, capsys):
 
 def test_retrinet_naming_a_folder(tiny, tmp_path, out, capsys):
     before = snapshot(out)
-    rc, err = run(capsys, sample.main, tiny_args(tiny, out, "--retrinet", tmp_path, "--refs", tiny["root"] / "ref8.png"))
+    rc, err = run_main(capsys, sample.main, tiny_args(tiny, out, "--retrinet", tmp_path, "--refs", tiny["root"] / "ref8.png"))
     assert rc == 2
     assert one_error(err) == (f"sample.py: error: --retrinet {tmp_path}: is a folder, expected a .safetensors file (a "
                               f"checkpoint written by train.py, or an official ControlNet / IP-Adapter file)")

@@ -34,26 +34,13 @@ from diffusion.sd15 import load_configs, model_configs
 from retrinet import inspect_checkpoint, load_reference_model
 from retrinet.model import reference_widths
 from unet import UNetConfig, config_from_diffusers
+from helpers import one_error, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
-def one_error(err: str, prefix: str = "sample.py: error: ") -> str:
-    """The one error line of a run's stderr (no traceback, nothing else said to be an error)."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error" in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(prefix), err
-    return lines[0]
-
-
-def run(capsys, main, argv):
-    """Run a command's main() in-process; (status, stderr)."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
 
 
 def snapshot(folder: Path) -> dict:
@@ -192,7 +179,7 @@ def test_sample_refuses_bad_metadata_with_status_2_before_building(tiny, tmp_pat
     widths = ", ".join(map(str, reference_widths(tiny["unet"].config)))
     for i, (record, message) in enumerate(metadata_cases(tiny["info"], widths)):
         path = with_record(tiny, tmp_path / f"s{i}.safetensors", record)
-        rc, err = run(capsys, sample.main, sample_args(tiny, out, path))
+        rc, err = run_main(capsys, sample.main, sample_args(tiny, out, path))
         assert rc == 2, (record, err)
         assert one_error(err).startswith(f"sample.py: error: --retrinet {path}: {path}: {message}"), (record, err)
     assert snapshot(out) == before
@@ -283,11 +270,11 @@ def test_sample_with_a_bad_header(tiny, tmp_path, out, capsys):
     loading, status 1 (README's table); one line naming the file and the tensor either way."""
     bad = raw_file(tmp_path / "big.safetensors", HEADER_CASES[0][0], bytes(16))
     before = snapshot(out)
-    rc, err = run(capsys, sample.main, sample_args(tiny, out, bad))
+    rc, err = run_main(capsys, sample.main, sample_args(tiny, out, bad))
     assert rc == 2 and one_error(err).startswith(f"sample.py: error: --retrinet {bad}: {bad}: {HEADER_CASES[0][2]}")
     args = ["--weights", bad, "--config", tiny["config"], "--prompt", "x", "--steps", 2, "--height", 16, "--width", 16,
             "--device", "cpu", "--out", out]
-    rc, err = run(capsys, sample.main, args)
+    rc, err = run_main(capsys, sample.main, args)
     assert rc == 1 and one_error(err) == f"sample.py: error: {bad}: {HEADER_CASES[0][2]}"
     assert snapshot(out) == before
 
@@ -354,7 +341,7 @@ def test_bad_configs_are_refused_by_sample_with_status_2_quickly(tiny, tmp_path,
             load_configs(cfg)
         assert str(e.value).startswith(f"{cfg}: {message}"), str(e.value)
         start = time.perf_counter()
-        rc, err = run(capsys, sample.main, ["--weights", tiny["weights"], "--config", cfg, "--prompt", "x", "--out",
+        rc, err = run_main(capsys, sample.main, ["--weights", tiny["weights"], "--config", cfg, "--prompt", "x", "--out",
                                             out, "--height", 16, "--width", 16, "--device", "cpu"])
         assert time.perf_counter() - start < 30   # num_res_blocks 10^7 ran for minutes before being bounded
         assert rc == 2, (config, err)
@@ -382,7 +369,7 @@ def test_a_diffusers_folder_with_bad_config_json_is_refused(tmp_path, out, capsy
         with pytest.raises(ValueError) as e:
             model_configs(folder)
         assert str(e.value).startswith(f"{folder / part / 'config.json'}: {message}"), str(e.value)
-        rc, err = run(capsys, sample.main, ["--weights", folder, "--prompt", "x", "--out", out, "--device", "cpu"])
+        rc, err = run_main(capsys, sample.main, ["--weights", folder, "--prompt", "x", "--out", out, "--device", "cpu"])
         assert rc == 2 and one_error(err).startswith(f"sample.py: error: {folder / part / 'config.json'}: {message}")
     assert snapshot(out) == before
     good = {"layers_per_block": 1, "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D"] * 2,
@@ -405,14 +392,14 @@ def test_field_errors_name_key_value_and_expectation():
 def test_verify_refuses_a_pixel_space_base_in_one_line(tiny, capsys, monkeypatch):
     from bench import verify
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc, err = run(capsys, verify.main, ["--weights", tiny["weights"], "--config", tiny["config"]])
+    rc, err = run_main(capsys, verify.main, ["--weights", tiny["weights"], "--config", tiny["config"]])
     assert rc == 2
     assert err == (f"bench.verify: error: --weights {tiny['weights']}: a pixel-space base (\"vae\": \"pixel\" in "
                    f"{tiny['config']}, as the tiny preset's); bench.verify compares an SD v1.5 base with a VAE against "
                    f"diffusers' pipeline, which has no pixel-space counterpart\n")
     cfg = tiny["root"] / "deep.json"   # a --config that cannot be read is refused there too, before loading
     cfg.write_text(json.dumps({**json.loads(tiny["config"].read_text()), "vae": {"num_res_blocks": 10 ** 7}}))
-    rc, err = run(capsys, verify.main, ["--weights", tiny["weights"], "--config", cfg])
+    rc, err = run_main(capsys, verify.main, ["--weights", tiny["weights"], "--config", cfg])
     assert rc == 2 and one_error(err, "bench.verify: error: ").startswith(
         f"bench.verify: error: {cfg}: the vae config cannot be built (ValueError: 'vae.num_res_blocks' is 10000000")
 
