@@ -124,7 +124,10 @@ class RetriBooruDataset(Dataset):
         figure = _load_mask(self.root / rec["mask"], image)
         params = keep_prompt_true(draw_augment(target_rng, image.width, image.height, rec["face_bbox"]),
                                   rec["prompt"], image.width, image.height)
-        target, target_box, target_figure = augment_pil(params, image, rec["face_bbox"], figure)
+        if params == (False, 0, 0, image.height, image.width, 1.0):  # a view that changes nothing (every scene target)
+            target, target_box, target_figure = image, list(rec["face_bbox"]), figure
+        else:
+            target, target_box, target_figure = augment_pil(params, image, rec["face_bbox"], figure)
         pixels, valid = fit_and_pad(target, self.resolution)
         # Eq. 3's face: the face box's figure pixels, its background left out
         face = box_mask(target_box, target.width, target.height, self.resolution)
